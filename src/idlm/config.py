@@ -1,0 +1,307 @@
+"""Typed configuration: one schema for every profile and stage.
+
+A profile is a YAML file under ``configs/`` (``tiny``, ``qwen3-8b``, ``qwen3-32b``).
+``params.yaml`` at the repo root is the *active, fully resolved* config: DVC tracks
+its sections as stage params (so ``dvc exp run -S ic.lr=...`` edits it), and
+``idlm config use PROFILE [key=value ...]`` rewrites it from a profile.
+
+Only pydantic and yaml are imported here, so validation fails fast (well under
+2 s) with one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+ACTIVE_CONFIG = REPO_ROOT / "params.yaml"
+STAGES = ("prepare", "base", "ic", "lora")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- prepare
+class SyntheticData(Section):
+    """The tiny profile's generated corpus (see idlm.data.synthetic)."""
+
+    train_size: Annotated[int, Field(gt=0)] = 40_000
+    eval_size: Annotated[int, Field(gt=0)] = 400
+    mix: dict[Literal["arithmetic", "multiple_choice", "code", "instruction"], float] = {
+        "arithmetic": 0.55,
+        "multiple_choice": 0.15,
+        "code": 0.15,
+        "instruction": 0.15,
+    }
+
+
+class HubData(Section):
+    """An SFT dataset of chat ``messages`` rows: hub id + pinned revision, or a local path."""
+
+    name_or_path: str = ""
+    revision: str | None = None
+    split: str = "train"
+    messages_field: str = "messages"
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    max_rows: int | None = None
+
+
+class TokenizerSpec(Section):
+    """``train``: byte-level BPE trained on the corpus; ``pretrained``: the base model's."""
+
+    kind: Literal["train", "pretrained"] = "train"
+    vocab_size: Annotated[int, Field(gt=0)] = 2048
+    name_or_path: str = ""
+    revision: str | None = None
+    mask_token: str = "<|MASK|>"
+
+
+class PrepareConfig(Section):
+    source: Literal["synthetic", "hub"] = "synthetic"
+    synthetic: SyntheticData = SyntheticData()
+    dataset: HubData = HubData()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    max_length: Annotated[int, Field(gt=8)] = 256
+    shard_rows: Annotated[int, Field(gt=0)] = 50_000
+    num_proc: Annotated[int, Field(gt=0)] = 1
+
+
+# ---------------------------------------------------------------- model / base
+class TinyArchitecture(Section):
+    """A Qwen3 architecture small enough for 2 CPU cores."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    rope_theta: float = 10_000.0
+    tie_word_embeddings: bool = True
+
+
+class ModelConfig(Section):
+    """``tiny``: built from ``tiny`` and AR-pretrained by ``base``; ``pretrained``: resolved."""
+
+    kind: Literal["tiny", "pretrained"] = "tiny"
+    name_or_path: str = ""
+    revision: str | None = None
+    tiny: TinyArchitecture = TinyArchitecture()
+    # Qwen3's <|MASK|> row 151669 already exists in its padded embedding.
+    mask_token_id: int | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+class Optimisation(Section):
+    """One training run: DeepSpeed engine, AdamW, warmup + cosine."""
+
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    micro_batch_size: Annotated[int, Field(gt=0)] = 32
+    grad_accum: Annotated[int, Field(gt=0)] = 1
+    steps: Annotated[int, Field(gt=0)] | None = 600
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    bf16: bool = False
+    checkpoint_every: Annotated[int, Field(gt=0)] = 100
+    log_every: Annotated[int, Field(gt=0)] = 10
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> Optimisation:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of 'steps' or 'epochs'")
+        return self
+
+
+class BaseConfig(Section):
+    """Tiny: the AR-pretraining run. Pretrained models are only resolved and pinned."""
+
+    train: Optimisation | None = None
+
+
+# ---------------------------------------------------------------- ic
+class Phase(Section):
+    """One curriculum phase: stride N (B = N-1 MASKs per block) and its run."""
+
+    stride: Annotated[int, Field(ge=2, le=4)]
+    alpha: float | Literal["auto"] = 0.2
+    train: Optimisation = Optimisation()
+
+
+class ICConfig(Section):
+    phases: list[Phase] = [Phase(stride=2), Phase(stride=3, alpha="auto")]
+    random_block_offset: bool = True
+
+    @model_validator(mode="after")
+    def _phases(self) -> ICConfig:
+        if not self.phases:
+            raise ValueError("at least one curriculum phase is needed")
+        return self
+
+
+# ---------------------------------------------------------------- lora
+class LoraSection(Section):
+    """Gated LoRA on the frozen base: the delta is on at MASK rows only."""
+
+    rank: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+    stride: Annotated[int, Field(ge=2, le=8)] = 3
+    train: Optimisation = Optimisation(lr=2e-3, steps=300)
+
+
+# ---------------------------------------------------------------- root
+class Config(Section):
+    profile: str = "tiny"
+    seed: int = 0
+    outputs: str = "outputs"
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    base: BaseConfig = BaseConfig()
+    ic: ICConfig = ICConfig()
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="after")
+    def _base_needs_training(self) -> Config:
+        if self.model.kind == "tiny" and self.base.train is None:
+            raise ValueError("base.train is required when model.kind is 'tiny'")
+        if self.model.kind == "pretrained" and not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required when model.kind is 'pretrained'")
+        return self
+
+    def out(self, *parts: str) -> Path:
+        """Path under the outputs folder (relative paths are taken from the repo root)."""
+        root = Path(self.outputs)
+        if not root.is_absolute():
+            root = REPO_ROOT / root
+        return root.joinpath(*parts)
+
+
+# ---------------------------------------------------------------- loading
+def _describe_error(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}' (check the spelling against configs/tiny.yaml)"
+    if kind == "missing":
+        return f"missing key '{key}'"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    return f"key '{key}': {err['msg'].lower()} (got {shown})"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (profiles live in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. ic.phases.0.train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for k in keys[:-1]:
+            if isinstance(node, list):
+                node = node[int(k)]
+            else:
+                node = node.setdefault(k, {})
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    return data
+
+
+def validate(data: dict[str, Any], source: str | Path) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe_error(exc.errors()[0])}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load the active config (``params.yaml``) or any config file, with overrides."""
+    path = Path(path) if path else ACTIVE_CONFIG
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    cfg = validate(data, path)
+    check_files(cfg, path)
+    return cfg
+
+
+def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
+    path = CONFIG_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"{path}: no such profile '{profile}' (known: {known})")
+    return load(path, overrides)
+
+
+def check_files(cfg: Config, source: str | Path) -> None:
+    """Files the config names must exist before any heavy work starts."""
+    ds_files = [("base.train.deepspeed", cfg.base.train.deepspeed)] if cfg.base.train else []
+    ds_files += [(f"ic.phases.{i}.train.deepspeed", p.train.deepspeed) for i, p in enumerate(cfg.ic.phases)]
+    ds_files.append(("lora.train.deepspeed", cfg.lora.train.deepspeed))
+    for key, rel in ds_files:
+        if not resolve_path(rel).is_file():
+            raise ConfigError(f"{source}: key '{key}': file '{rel}' not found")
+    for key, value in (("model.name_or_path", cfg.model.name_or_path),
+                       ("prepare.dataset.name_or_path", cfg.prepare.dataset.name_or_path)):
+        if looks_local(value) and not resolve_path(value).exists():
+            raise ConfigError(f"{source}: key '{key}': path '{value}' not found")
+
+
+def looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~"))
+
+
+def resolve_path(value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_active(cfg: Config, path: Path = ACTIVE_CONFIG) -> Path:
+    header = f"# Active config, resolved from configs/{cfg.profile}.yaml by `idlm config use`.\n"
+    header += "# DVC tracks these sections as stage params; `dvc exp run -S key=value` edits them.\n"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + dump(cfg))
+    tmp.replace(path)
+    return path

@@ -216,7 +216,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at top level")
     return data
@@ -274,7 +275,8 @@ def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
 def check_files(cfg: Config, source: str | Path) -> None:
     """Files the config names must exist before any heavy work starts."""
     ds_files = [("base.train.deepspeed", cfg.base.train.deepspeed)] if cfg.base.train else []
-    ds_files += [(f"ic.phases.{i}.train.deepspeed", p.train.deepspeed) for i, p in enumerate(cfg.ic.phases)]
+    ds_files += [(f"ic.phases.{i}.train.deepspeed", phase.train.deepspeed)
+                 for i, phase in enumerate(cfg.ic.phases)]
     ds_files.append(("lora.train.deepspeed", cfg.lora.train.deepspeed))
     for key, rel in ds_files:
         if not resolve_path(rel).is_file():
@@ -300,7 +302,7 @@ def dump(cfg: Config) -> str:
 
 def write_active(cfg: Config, path: Path = ACTIVE_CONFIG) -> Path:
     header = f"# Active config, resolved from configs/{cfg.profile}.yaml by `idlm config use`.\n"
-    header += "# DVC tracks these sections as stage params; `dvc exp run -S key=value` edits them.\n"
+    header += "# DVC tracks its sections as stage params: `dvc exp run -S key=value` edits them.\n"
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(header + dump(cfg))
     tmp.replace(path)

@@ -1,0 +1,215 @@
+"""Introspective-consistency (IC) training: layout, attention mask, logit shift, loss.
+
+Layout per sample, DESIGN.md's ``[x_t | x_0]`` without x_t's prompt half (MASK blocks
+only ever see the *clean* prefix, so that half is never attended; leaving it out gives
+the same loss and gradients on L + R tokens instead of 2L)::
+
+    index:     0 .. L-1            L .. L+R-1           (padding)
+    tokens:    x_0 (clean)         MASK x R             pad
+    positions: 0 .. L-1            r0 .. L-1            0
+    kind:      CLEAN               MASKED               PAD
+
+Response positions r0..L-1 are cut into blocks of B = N-1 positions, shifted by a
+per-sample offset in [0, B) so that every response token is trained at every slot of a
+block. Attention (token-level, strictly causal everywhere):
+
+* clean query -> clean keys at positions <= its own (plain AR);
+* MASK query in block b -> clean keys before the block's first position, and MASK keys
+  of block b at positions <= its own;
+* padding query -> itself only (a fully masked row makes SDPA return NaN).
+
+Logit shift: the hidden state at position i predicts the token at i+1, so the last clean
+token predicts the next (AR) token and each MASK drafts one token further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PAD, CLEAN, MASKED = 0, 1, 2
+IGNORE = -100
+
+
+@dataclass
+class ICBatch:
+    """Tensors of one IC batch; all [batch, seq] unless noted."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    kind: torch.Tensor          # PAD / CLEAN / MASKED per row
+    block: torch.Tensor         # block id of MASK rows (-1 elsewhere)
+    block_start: torch.Tensor   # first position of a MASK row's block (0 elsewhere)
+    labels: torch.Tensor        # shifted targets, IGNORE where no loss
+    response_tokens: int        # number of response tokens in the batch (loss normaliser)
+
+    def to(self, device: torch.device | str) -> ICBatch:
+        fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return ICBatch(**fields)
+
+
+def block_layout(prompt_length: int, length: int, block_size: int, offset: int
+                 ) -> tuple[list[int], list[int]]:
+    """Block id and block start position for each response position r0..L-1."""
+    blocks, starts = [], []
+    for pos in range(prompt_length, length):
+        blk = (pos - prompt_length + offset) // block_size
+        blocks.append(blk)
+        starts.append(max(prompt_length, prompt_length + blk * block_size - offset))
+    return blocks, starts
+
+
+def build_ic_batch(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                   stride: int, mask_token_id: int, pad_token_id: int,
+                   offsets: Sequence[int] | None = None) -> ICBatch:
+    """Lay out ``[x_0 | MASK x R]`` rows with labels for stride N (B = N-1)."""
+    if stride < 2:
+        raise ValueError(f"stride must be >= 2 (got {stride})")
+    block_size = stride - 1
+    offsets = offsets if offsets is not None else [0] * len(sequences)
+    widths = [2 * len(seq) - p for seq, p in zip(sequences, prompt_lengths, strict=True)]
+    width = max(widths)
+    shape = (len(sequences), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    kind = torch.full(shape, PAD, dtype=torch.long)
+    block = torch.full(shape, -1, dtype=torch.long)
+    block_start = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    response_tokens = 0
+    for row, (seq, r0, off) in enumerate(zip(sequences, prompt_lengths, offsets, strict=True)):
+        length = len(seq)
+        if not 0 < r0 < length:
+            raise ValueError(f"row {row}: prompt length {r0} must be in (0, {length})")
+        tokens = torch.as_tensor(seq, dtype=torch.long)
+        response = length - r0
+        response_tokens += response
+        input_ids[row, :length] = tokens
+        position_ids[row, :length] = torch.arange(length)
+        kind[row, :length] = CLEAN
+        # Clean row i predicts x[i+1]; only response targets count (the AR SFT loss).
+        labels[row, r0 - 1:length - 1] = tokens[r0:]
+        masked = slice(length, length + response)
+        input_ids[row, masked] = mask_token_id
+        position_ids[row, masked] = torch.arange(r0, length)
+        kind[row, masked] = MASKED
+        blocks, starts = block_layout(r0, length, block_size, off % block_size)
+        block[row, masked] = torch.as_tensor(blocks)
+        block_start[row, masked] = torch.as_tensor(starts)
+        # MASK at position j drafts x[j+1]; the last one has nothing left to draft.
+        labels[row, length:length + response - 1] = tokens[r0 + 1:]
+    return ICBatch(input_ids, position_ids, kind, block, block_start, labels, response_tokens)
+
+
+def allowed(kind_q: torch.Tensor, pos_q: torch.Tensor, block_q: torch.Tensor,
+            start_q: torch.Tensor, kind_k: torch.Tensor, pos_k: torch.Tensor,
+            block_k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    """The IC attention rule on broadcastable tensors: one definition for SDPA and flex."""
+    clean_q, masked_q, pad_q = kind_q == CLEAN, kind_q == MASKED, kind_q == PAD
+    clean_k, masked_k = kind_k == CLEAN, kind_k == MASKED
+    ar = clean_q & clean_k & (pos_k <= pos_q)
+    prefix = masked_q & clean_k & (pos_k < start_q)
+    own_block = masked_q & masked_k & (block_k == block_q) & (pos_k <= pos_q)
+    return ar | prefix | own_block | (pad_q & (q_idx == k_idx))
+
+
+def dense_mask(batch: ICBatch) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq] mask (True = may attend), for SDPA on CPU."""
+    idx = torch.arange(batch.kind.shape[1], device=batch.kind.device)
+    q = {k: v[:, :, None] for k, v in _rows(batch).items()}
+    k = {k: v[:, None, :] for k, v in _rows(batch).items()}
+    grid = allowed(q["kind"], q["pos"], q["block"], q["start"], k["kind"], k["pos"], k["block"],
+                   idx[:, None], idx[None, :])
+    return grid[:, None]
+
+
+def additive_mask(batch: ICBatch, dtype: torch.dtype) -> torch.Tensor:
+    """Float 0 / -inf-like mask: what transformers' eager and SDPA paths both accept."""
+    mask = dense_mask(batch)
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def flex_block_mask(batch: ICBatch):  # -> torch.nn.attention.flex_attention.BlockMask
+    """The same rule as a flex_attention BlockMask: never materialises seq x seq on GPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows = _rows(batch)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - flex passes index tensors
+        return allowed(rows["kind"][b, q_idx], rows["pos"][b, q_idx], rows["block"][b, q_idx],
+                       rows["start"][b, q_idx], rows["kind"][b, kv_idx], rows["pos"][b, kv_idx],
+                       rows["block"][b, kv_idx], q_idx, kv_idx)
+
+    size = batch.kind.shape[1]
+    return create_block_mask(mask_mod, batch.kind.shape[0], None, size, size,
+                             device=batch.kind.device)
+
+
+def _rows(batch: ICBatch) -> dict[str, torch.Tensor]:
+    return {"kind": batch.kind, "pos": batch.position_ids, "block": batch.block,
+            "start": batch.block_start}
+
+
+def attention_mask_for(batch: ICBatch, implementation: str, dtype: torch.dtype):
+    if implementation == "flex_attention":
+        return flex_block_mask(batch)
+    return additive_mask(batch, dtype)
+
+
+def hidden_states(model: torch.nn.Module, batch: ICBatch, implementation: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Final hidden states of the IC layout (decoder only; the LM head is applied later)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                  attention_mask=attention_mask_for(batch, implementation, dtype),
+                  use_cache=False)
+    return out.last_hidden_state
+
+
+def ic_logits(model: torch.nn.Module, batch: ICBatch, implementation: str = "sdpa",
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits at every row of the IC layout (tests, diagnostics; training avoids this)."""
+    return model.get_output_embeddings()(hidden_states(model, batch, implementation, dtype))
+
+
+@dataclass
+class ICLoss:
+    total: torch.Tensor
+    mask_ce: torch.Tensor
+    clean_ce: torch.Tensor
+    alpha: float
+
+
+def balance_alpha(mask_ce: torch.Tensor, clean_ce: torch.Tensor, alpha: float | str) -> float:
+    """Fixed alpha, or ``auto``: alpha = L_mask / L_clean (detached), so both terms are equal."""
+    if alpha == "auto":
+        return float(mask_ce.detach() / (clean_ce.detach() + 1e-8))
+    return float(alpha)
+
+
+def ic_loss(model: torch.nn.Module, batch: ICBatch, alpha: float | str,
+            implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> ICLoss:
+    """CE over MASK rows (/ response tokens) + alpha * CE over clean response targets."""
+    hidden = hidden_states(model, batch, implementation, dtype)
+    head = model.get_output_embeddings()
+    masked_rows = (batch.kind == MASKED) & (batch.labels != IGNORE)
+    clean_rows = (batch.kind == CLEAN) & (batch.labels != IGNORE)
+    mask_logits = head(hidden[masked_rows]).float()
+    clean_logits = head(hidden[clean_rows]).float()
+    mask_ce = F.cross_entropy(mask_logits, batch.labels[masked_rows], reduction="sum")
+    mask_ce = mask_ce / max(batch.response_tokens, 1)
+    clean_ce = F.cross_entropy(clean_logits, batch.labels[clean_rows])
+    weight = balance_alpha(mask_ce, clean_ce, alpha)
+    return ICLoss(mask_ce + weight * clean_ce, mask_ce.detach(), clean_ce.detach(), weight)
+
+
+def ar_loss(model: torch.nn.Module, sequences: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain AR SFT loss (the base stage): labels already shifted, IGNORE where no loss."""
+    hidden = model.get_decoder()(input_ids=sequences, use_cache=False).last_hidden_state
+    rows = labels != IGNORE
+    logits = model.get_output_embeddings()(hidden[rows]).float()
+    return F.cross_entropy(logits, labels[rows])

@@ -1,0 +1,78 @@
+"""What every ``stages/<name>.py`` shares: argument parsing, config loading, atomic writes.
+
+A stage's library ``run(cfg)`` never parses arguments or reads the environment; the
+thin script under ``stages/`` calls :func:`stage_main`, which does both, validates the
+whole config before anything heavy is imported, and prints the stage's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from idlm import config as config_mod
+
+
+def write_json_atomic(path: Path, payload: Any) -> Path:
+    """Write JSON via a temp file + rename so a killed stage never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``final``; on success it replaces ``final`` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"stages/{name}.py", description=description)
+    p.add_argument("--config", default=None,
+                   help="config file (default: params.yaml, the active resolved config)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. ic.phases.0.train.lr=1e-4")
+    return p
+
+
+def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
+               description: str, argv: list[str] | None = None) -> int:
+    """Parse, validate (fast, before heavy imports), run, print metrics as JSON."""
+    args = parser(name, description).parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = run(cfg)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"stage": name, **(metrics or {})}, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+class StageError(RuntimeError):
+    """A problem with a stage's inputs, phrased as one line that says how to fix it."""

@@ -1,0 +1,59 @@
+"""``idlm``: the command line for people (stages have their own scripts under stages/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from idlm import config as config_mod
+
+
+def _config_use(args: argparse.Namespace) -> int:
+    cfg = config_mod.load_profile(args.profile, args.overrides)
+    path = config_mod.write_active(cfg)
+    print(f"wrote {path.name} from configs/{args.profile}.yaml"
+          + (f" with {len(args.overrides)} override(s)" if args.overrides else ""))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.file, args.overrides)
+    print(f"{args.file or config_mod.ACTIVE_CONFIG.name}: ok (profile {cfg.profile})")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(config_mod.dump(config_mod.load(args.file, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idlm", description="Train, verify and serve Introspective Diffusion LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="choose, check or show the active config")
+    actions = config.add_subparsers(dest="action", required=True)
+    use = actions.add_parser("use", help="make a profile (plus overrides) the active params.yaml")
+    use.add_argument("profile", help="tiny, qwen3-8b or qwen3-32b (a file under configs/)")
+    use.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    use.set_defaults(handler=_config_use)
+    for name, handler, text in (("check", _config_check, "validate a config file"),
+                                ("show", _config_show, "print the resolved config")):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("--file", default=None, help="default: params.yaml")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One DeepSpeed-engine trainer shared by the base, ic and lora stages."""

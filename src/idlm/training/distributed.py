@@ -1,0 +1,52 @@
+"""Process-group setup: a launched job (deepspeed / torchrun) or a single local process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init(device: str) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size).
+
+    Without a launcher we become rank 0 of a world of one, so the same engine code
+    path (ZeRO, checkpoints) runs on a laptop, in CI and on a cluster.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_for_rank() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

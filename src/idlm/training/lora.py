@@ -1,0 +1,67 @@
+"""``lora`` stage: a gated-LoRA adapter on the frozen base, trained with the IC MASK loss.
+
+The gate (PEFT layers extended in idlm.model.gated_lora) applies the LoRA delta only
+at MASK rows, so every other row is the exact base model: that is what makes R-ISD
+lossless. The clean-path CE term would carry no gradient (gate 0 there), so the
+objective is the MASK term alone (alpha = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from idlm.config import Config
+from idlm.stage import write_json_atomic
+from idlm.training import common, distributed
+
+
+def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
+    from idlm.model.factory import count_parameters, load_causal_lm
+    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint
+    from idlm.training.batches import total_steps
+    from idlm.training.ic import ic_step
+    from idlm.training.trainer import TrainJob, train
+
+    section, opt = cfg.lora, cfg.lora.train
+    device = distributed.device_for_rank()
+    rank, world = distributed.init(device)
+    inputs = common.load_inputs(cfg, device)
+    pin = common.read_base_pin(cfg)
+    base = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
+                          attention=inputs.attention)
+    fingerprint_of_base = {**base_fingerprint(base), "checkpoint": pin["fingerprint"]}
+    model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
+                              section.dropout, section.targets)
+    steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
+                        opt.steps, opt.epochs)
+    fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),
+                                        inputs.data_fingerprint)
+    compute = ic_step(inputs, section.stride, 0.0, opt.seed, opt.micro_batch_size,
+                      opt.grad_accum, world, cfg.ic.random_block_offset)
+    job = TrainJob("lora", model, compute, opt, steps, cfg.out("lora", "checkpoints"),
+                   fingerprint, device, stop_after)
+    result = train(job)
+    if not result.finished:
+        return {"finished": False, "steps": result.steps_done}
+    last = result.history[-1]
+    metrics = {"steps": steps, "mask_ce": last["mask_ce"], "stride": section.stride,
+               "trainable_parameters": count_parameters(model, trainable_only=True),
+               "tokens_per_second": result.tokens_per_second,
+               **common.heldout_losses(model, inputs, section.stride)}
+    if rank == 0:
+        _save(cfg, model, fingerprint_of_base, metrics, result.history)
+    return metrics
+
+
+def _save(cfg: Config, model, fingerprint_of_base: dict[str, Any],  # noqa: ANN001
+          metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
+    from idlm.model.gated_lora import save_gated_lora
+    from idlm.plots import loss_curves
+    from idlm.stage import atomic_dir
+
+    with atomic_dir(cfg.out("lora", "adapter")) as tmp:
+        save_gated_lora(model, tmp, fingerprint_of_base)
+    write_json_atomic(cfg.out("lora", "metrics.json"), metrics)
+    write_json_atomic(cfg.out("lora", "history.json"), history)
+    loss_curves({"lora": history}, ["mask_ce", "lr"], cfg.out("lora", "loss.png"),
+                "lora: gated adapter, MASK loss")

@@ -1,0 +1,19 @@
+"""DVC stage `ic`.
+
+Introspective-consistency training: one DeepSpeed run per curriculum phase (N=2 then N=3
+by default).
+"""
+
+import sys
+
+from idlm.stage import stage_main
+
+
+def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
+    from idlm.training.ic import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("ic", _run, __doc__))

@@ -1,0 +1,19 @@
+"""DVC stage `lora`.
+
+Train the gated-LoRA adapter (on at MASK rows only) on the frozen base, for lossless
+R-ISD.
+"""
+
+import sys
+
+from idlm.stage import stage_main
+
+
+def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
+    from idlm.training.lora import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("lora", _run, __doc__))

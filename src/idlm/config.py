@@ -173,6 +173,9 @@ class Config(Section):
     profile: str = "tiny"
     seed: int = 0
     outputs: str = "outputs"
+    # How dvc.yaml starts the training stages: `python` (one process) or a DeepSpeed
+    # launcher, e.g. `deepspeed --num_gpus 8` or `deepspeed --hostfile infra/hostfile`.
+    launcher: str = "python"
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()

@@ -51,6 +51,9 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"stages/{name}.py", description=description)
     p.add_argument("--config", default=None,
                    help="config file (default: params.yaml, the active resolved config)")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment is used.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. ic.phases.0.train.lr=1e-4")
     return p

@@ -19,8 +19,13 @@ def attention_implementation(requested: str, device: str) -> str:
     return {"sdpa": "sdpa", "flex": "flex_attention"}[requested]
 
 
-def tiny_config(arch: TinyArchitecture, vocab_size: int, pad_token_id: int,
-                eos_token_id: int, max_position_embeddings: int) -> Qwen3Config:
+def tiny_config(
+    arch: TinyArchitecture,
+    vocab_size: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    max_position_embeddings: int,
+) -> Qwen3Config:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -40,8 +45,15 @@ def tiny_config(arch: TinyArchitecture, vocab_size: int, pad_token_id: int,
     )
 
 
-def build_tiny(arch: TinyArchitecture, vocab_size: int, pad_token_id: int, eos_token_id: int,
-               max_position_embeddings: int, seed: int, attention: str = "sdpa") -> PreTrainedModel:
+def build_tiny(
+    arch: TinyArchitecture,
+    vocab_size: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    max_position_embeddings: int,
+    seed: int,
+    attention: str = "sdpa",
+) -> PreTrainedModel:
     """A freshly initialised tiny Qwen3ForCausalLM (seeded, fp32)."""
     import torch
     from transformers import Qwen3ForCausalLM
@@ -52,9 +64,13 @@ def build_tiny(arch: TinyArchitecture, vocab_size: int, pad_token_id: int, eos_t
     return Qwen3ForCausalLM(config)
 
 
-def load_causal_lm(path: str | Path, model_cfg: ModelConfig | None = None,
-                   device: str = "cpu", dtype: torch.dtype | None = None,
-                   attention: str | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    path: str | Path,
+    model_cfg: ModelConfig | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    attention: str | None = None,
+) -> PreTrainedModel:
     """Load a saved/resolved checkpoint folder with the configured dtype and attention."""
     import torch
     from transformers import AutoModelForCausalLM

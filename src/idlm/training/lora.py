@@ -29,7 +29,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     pin = common.read_base_pin(cfg)
     base = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
                           attention=inputs.attention)
-    fingerprint_of_base = {**base_fingerprint(base), "checkpoint": pin["fingerprint"]}
+    fingerprint_of_base = base_fingerprint(base, checkpoint_hash=pin["fingerprint"])
     model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
                               section.dropout, section.targets)
     steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
@@ -57,10 +57,8 @@ def _save(cfg: Config, model, fingerprint_of_base: dict[str, Any],  # noqa: ANN0
           metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
     from idlm.model.gated_lora import save_gated_lora
     from idlm.plots import loss_curves
-    from idlm.stage import atomic_dir
 
-    with atomic_dir(cfg.out("lora", "adapter")) as tmp:
-        save_gated_lora(model, tmp, fingerprint_of_base)
+    save_gated_lora(model, cfg.out("lora", "adapter"), fingerprint_of_base)
     write_json_atomic(cfg.out("lora", "metrics.json"), metrics)
     write_json_atomic(cfg.out("lora", "history.json"), history)
     loss_curves({"lora": history}, ["mask_ce", "lr"], cfg.out("lora", "loss.png"),

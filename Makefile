@@ -1,0 +1,24 @@
+# The two commands (see README): `make pipeline` and `make test`.
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup pipeline test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+pipeline: setup
+	idlm config check
+	dvc repro
+
+test: setup
+	python -m pytest -q
+
+lint: setup
+	ruff check src stages tests bench flows
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,1 @@
+"""Model construction, hub resolution, the MASK token and the gated-LoRA adapter."""

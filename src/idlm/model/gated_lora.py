@@ -1,0 +1,366 @@
+"""Gated LoRA for lossless R-ISD: a PEFT LoRA whose delta applies only at MASK tokens.
+
+Every non-MASK row is computed with the frozen base weights alone (bit-identical, not
+merely close), which is what makes R-ISD's greedy output the base model's greedy output.
+
+How it plugs into PEFT: ``GatedLinear`` subclasses PEFT's own ``lora.Linear`` (PEFT keeps
+the A/B matrices, scaling, dropout, init, state-dict naming and save/load) and is
+registered through PEFT's documented custom-module hook, ``LoraConfig._register_custom_module``.
+Only ``forward`` changes: the delta is added to the gated rows by ``index_add``; the other
+rows are copied untouched from the base output.
+
+How the gate reaches the layers: a forward pre-hook on the decoder (``Qwen3Model``) turns
+``input_ids == mask_token_id`` into a bool gate and passes it down as a keyword argument.
+Transformers forwards extra keyword arguments from the decoder to each decoder layer and
+on to its ``self_attn``; a pre-hook there pops it (attention kernels never see it) and
+publishes it to the shared ``TokenGate`` that the layer's gated linears read; a post-hook
+on the layer's ``mlp`` clears it. Routing through keyword arguments, not a global set once
+per forward, is what keeps the gate right under gradient checkpointing: transformers 5
+replays a layer's ``forward`` (with the same keyword arguments) during backward, long
+after the outer forward returned, and the attention/MLP hooks run again inside the replay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+GATE_RULE = "input_ids == mask_token_id"
+GATE_FILE = "idlm_gate.json"
+GATE_FORMAT = "idlm-gated-lora/1"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", GATE_FILE)
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
+CHECKPOINT_HASH_FIELD = "checkpoint_sha256"
+# Private keyword that carries the gate from the decoder to its layers; popped before attention.
+_GATE_KWARG = "idlm_token_gate"
+
+
+class GatedLoraError(RuntimeError):
+    """A gated-LoRA misuse or a bad adapter, phrased as one line saying what to do."""
+
+
+def gate_from_token_ids(token_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """The R-ISD gate: True exactly where the input token is MASK (shared with decoding)."""
+    return token_ids == mask_token_id
+
+
+class TokenGate:
+    """The one gate holder that a model's gated layers share, plus the hooks that fill it.
+
+    The hooks are bound methods so that ``copy.deepcopy`` of a model copies them together
+    with this holder instead of leaving the copy wired to the original's holder.
+    """
+
+    def __init__(self, mask_token_id: int) -> None:
+        self.mask_token_id = mask_token_id
+        self.explicit: torch.Tensor | None = None
+        self.current: torch.Tensor | None = None
+
+    def on_decoder_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if self.explicit is not None:
+            tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            if tuple(self.explicit.shape) != tuple(tokens.shape):
+                raise GatedLoraError(
+                    f"explicit gate has shape {tuple(self.explicit.shape)} but the input has "
+                    f"{tuple(tokens.shape)} tokens: pass one bool per (batch, position)"
+                )
+            gate = self.explicit.to(tokens.device)
+        elif input_ids is not None:
+            gate = gate_from_token_ids(input_ids, self.mask_token_id)
+        else:
+            raise GatedLoraError(
+                "gated LoRA finds MASK positions from input_ids, but only inputs_embeds were "
+                "given: wrap the call in `with explicit_gate(model, gate): ...`"
+            )
+        return args, {**kwargs, _GATE_KWARG: gate}
+
+    def on_attention_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs = dict(kwargs)
+        self.current = kwargs.pop(_GATE_KWARG, None)
+        return args, kwargs
+
+    def on_layer_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.current = None
+
+    def gate_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The current gate, checked against a gated layer's input rows."""
+        if self.current is None:
+            raise GatedLoraError(
+                "a gated LoRA layer ran outside a gated decoder forward: call the model or its "
+                "decoder (model.get_decoder()) with input_ids, not a layer directly"
+            )
+        if tuple(self.current.shape) != tuple(hidden.shape[:-1]):
+            raise GatedLoraError(
+                f"gate shape {tuple(self.current.shape)} does not match the layer input rows "
+                f"{tuple(hidden.shape[:-1])}: the gate must be (batch, sequence)"
+            )
+        return self.current.to(hidden.device)
+
+
+class GatedLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` whose delta is added only at gated (MASK) rows."""
+
+    token_gate: TokenGate | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise GatedLoraError("gated LoRA does not support mixed-adapter batches")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if self.token_gate is None:
+            raise GatedLoraError("gated LoRA layer has no gate: build it with attach_gated_lora")
+        gate = self.token_gate.gate_for(x)
+        gated_rows = gate.reshape(-1).nonzero().squeeze(-1)
+        # Empty selections still run the LoRA matmuls so every LoRA parameter stays in the
+        # graph (DDP / ZeRO expect every trainable parameter to receive a gradient).
+        gated_inputs = x.reshape(-1, x.shape[-1]).index_select(0, gated_rows)
+        delta = self._gated_delta(gated_inputs)
+        flat_result = result.reshape(-1, result.shape[-1])
+        # index_add copies ungated rows verbatim, so they stay bit-identical to the base.
+        return flat_result.index_add(0, gated_rows, delta.to(result.dtype)).view_as(result)
+
+    def _gated_delta(self, gated_inputs: torch.Tensor) -> torch.Tensor:
+        delta: torch.Tensor | None = None
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            if adapter in self.lora_variant:
+                raise GatedLoraError(f"adapter {adapter!r} uses a LoRA variant (e.g. DoRA)")
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            inputs = self._cast_input_dtype(gated_inputs, lora_a.weight.dtype)
+            term = lora_b(lora_a(self.lora_dropout[adapter](inputs))) * self.scaling[adapter]
+            delta = term if delta is None else delta + term
+        if delta is None:
+            return gated_inputs.new_zeros(gated_inputs.shape[0], self.out_features)
+        return delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise GatedLoraError(
+            "a gated LoRA cannot be merged into the base weights: merged, its delta would apply "
+            "at every token and R-ISD would no longer be lossless; keep it as an adapter"
+        )
+
+
+def attach_gated_lora(
+    model: nn.Module,
+    mask_token_id: int,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | str = "all-linear",
+) -> PeftModel:
+    """Wrap a causal LM in a gated LoRA; the base is frozen, only LoRA parameters train."""
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    lora_config._register_custom_module({nn.Linear: GatedLinear})
+    peft_model = get_peft_model(model, lora_config)
+    _install_gate(peft_model, mask_token_id)
+    return peft_model
+
+
+def _install_gate(peft_model: PeftModel, mask_token_id: int) -> TokenGate:
+    decoder = peft_model.get_base_model().get_decoder()
+    if getattr(decoder, "idlm_token_gate", None) is not None:
+        raise GatedLoraError("this model already carries a gated LoRA; attach only one")
+    token_gate = TokenGate(mask_token_id)
+    decoder.idlm_token_gate = token_gate
+    decoder.register_forward_pre_hook(token_gate.on_decoder_call, with_kwargs=True)
+    gated_in_layers: set[int] = set()
+    for layer in decoder.layers:
+        if not (hasattr(layer, "self_attn") and hasattr(layer, "mlp")):
+            raise GatedLoraError(
+                f"{type(layer).__name__} has no self_attn/mlp: gated LoRA supports "
+                "Qwen3/Llama-style decoder layers only"
+            )
+        layer.self_attn.register_forward_pre_hook(token_gate.on_attention_call, with_kwargs=True)
+        layer.mlp.register_forward_hook(token_gate.on_layer_done)
+        for module in [*layer.self_attn.modules(), *layer.mlp.modules()]:
+            if isinstance(module, GatedLinear):
+                module.token_gate = token_gate
+                gated_in_layers.add(id(module))
+    _check_all_gated_layers_reachable(peft_model, gated_in_layers)
+    return token_gate
+
+
+def _check_all_gated_layers_reachable(peft_model: PeftModel, gated_ids: set[int]) -> None:
+    outside = [
+        name
+        for name, module in peft_model.named_modules()
+        if isinstance(module, GatedLinear) and id(module) not in gated_ids
+    ]
+    if outside:
+        raise GatedLoraError(
+            f"LoRA targets outside decoder layers' self_attn/mlp cannot be gated: {outside[:3]};"
+            " target decoder-layer linears only (the default 'all-linear' does)"
+        )
+
+
+def find_token_gate(model: nn.Module) -> TokenGate:
+    """The gate holder of a gated-LoRA model (PeftModel, CausalLM, decoder or DeepSpeed engine)."""
+    for module in model.modules():
+        token_gate = getattr(module, "idlm_token_gate", None)
+        if isinstance(token_gate, TokenGate):
+            return token_gate
+    raise GatedLoraError("this model has no gated LoRA: build it with attach_gated_lora")
+
+
+@contextmanager
+def explicit_gate(model: nn.Module, gate: torch.Tensor) -> Iterator[None]:
+    """Use ``gate`` (bool, batch x sequence) for forwards in the block, e.g. with inputs_embeds."""
+    if gate.dtype != torch.bool:
+        raise GatedLoraError(f"explicit gate must be a bool tensor, got {gate.dtype}")
+    token_gate = find_token_gate(model)
+    previous = token_gate.explicit
+    token_gate.explicit = gate
+    try:
+        yield
+    finally:
+        token_gate.explicit = previous
+
+
+def base_fingerprint(model: nn.Module, checkpoint_hash: str | None = None) -> dict[str, Any]:
+    """Fields that must match for an adapter to fit a base model (optionally its weights' hash)."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    config = model.config
+    fingerprint: dict[str, Any] = {
+        field: getattr(config, field, None) for field in ARCHITECTURE_FIELDS
+    }
+    if checkpoint_hash is not None:
+        fingerprint[CHECKPOINT_HASH_FIELD] = checkpoint_hash
+    return fingerprint
+
+
+def save_gated_lora(
+    model: PeftModel, out_dir: str | Path, base_fingerprint: dict[str, Any]
+) -> Path:
+    """Write the adapter in PEFT format plus ``idlm_gate.json`` (gate rule, base fingerprint)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gate_record = {
+        "format": GATE_FORMAT,
+        "mask_token_id": find_token_gate(model).mask_token_id,
+        "gate_rule": GATE_RULE,
+        "base_fingerprint": base_fingerprint,
+    }
+    # Stage in a sibling temp dir, then move file by file: a reader never sees a half file,
+    # and idlm_gate.json (the marker that the adapter is complete) lands last.
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
+        model.save_pretrained(staging)
+        (Path(staging) / GATE_FILE).write_text(json.dumps(gate_record, indent=2) + "\n")
+        for name in sorted(os.listdir(staging), key=lambda name: name == GATE_FILE):
+            os.replace(Path(staging) / name, out_dir / name)
+    return out_dir
+
+
+def load_gated_lora(
+    base_model: nn.Module,
+    adapter_dir: str | Path,
+    base_fingerprint: dict[str, Any] | None = None,
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Load a saved gated LoRA onto ``base_model``, refusing an adapter made for another base."""
+    adapter_dir = Path(adapter_dir)
+    gate_record = _read_gate_record(adapter_dir)
+    expected = _expected_fingerprint(base_model, base_fingerprint)
+    _check_fingerprint(adapter_dir, gate_record["base_fingerprint"], expected)
+    _check_safetensors_header(adapter_dir / "adapter_model.safetensors")
+    lora_config = LoraConfig.from_pretrained(str(adapter_dir))
+    lora_config._register_custom_module({nn.Linear: GatedLinear})
+    peft_model = PeftModel.from_pretrained(
+        base_model, str(adapter_dir), config=lora_config, is_trainable=is_trainable
+    )
+    _install_gate(peft_model, int(gate_record["mask_token_id"]))
+    return peft_model
+
+
+def _read_gate_record(adapter_dir: Path) -> dict[str, Any]:
+    if not adapter_dir.is_dir():
+        raise GatedLoraError(f"adapter directory {adapter_dir} not found: run the lora stage first")
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise GatedLoraError(
+            f"{adapter_dir} is not a complete gated-LoRA adapter (missing {', '.join(missing)}): "
+            "re-run the lora stage or point at a directory written by save_gated_lora"
+        )
+    try:
+        gate_record = json.loads((adapter_dir / GATE_FILE).read_text())
+        if gate_record.get("format") != GATE_FORMAT or gate_record.get("gate_rule") != GATE_RULE:
+            raise ValueError(f"unknown format/gate rule {gate_record.get('format')!r}")
+        int(gate_record["mask_token_id"])
+        dict(gate_record["base_fingerprint"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise GatedLoraError(
+            f"{adapter_dir / GATE_FILE} is corrupt ({error}): re-run the lora stage"
+        ) from None
+    return gate_record
+
+
+def _expected_fingerprint(base_model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
+    actual = base_fingerprint(base_model)
+    if given is None:
+        return actual
+    differing = [field for field in ARCHITECTURE_FIELDS if given.get(field) != actual[field]]
+    if differing:
+        raise GatedLoraError(
+            f"the base_fingerprint passed does not describe the base model given ({differing[0]}:"
+            f" {given.get(differing[0])!r} vs {actual[differing[0]]!r})"
+        )
+    return {**actual, **given}
+
+
+def _check_fingerprint(adapter_dir: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    fields = [*ARCHITECTURE_FIELDS]
+    if CHECKPOINT_HASH_FIELD in saved and CHECKPOINT_HASH_FIELD in expected:
+        fields.append(CHECKPOINT_HASH_FIELD)
+    for field in fields:
+        if saved.get(field) != expected.get(field):
+            raise GatedLoraError(
+                f"adapter {adapter_dir} was made for another base model ({field}: adapter "
+                f"{saved.get(field)!r}, base {expected.get(field)!r}): train it on this base"
+            )
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise GatedLoraError(
+            f"{path} is corrupt ({type(error).__name__}): re-run the lora stage"
+        ) from None

@@ -28,6 +28,7 @@ def write_json_atomic(path: Path, payload: Any) -> Path:
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared files
     os.replace(tmp, path)
     return path
 
@@ -37,6 +38,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside ``final``; on success it replaces ``final`` in one rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared folders
     try:
         yield tmp
     except BaseException:
@@ -45,6 +47,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ def _rows(count: int = 64, seed: int = 0) -> Rows:
         start = int(torch.randint(20, 60, (1,), generator=generator))
         sequences.append(prompt + list(range(start, start + 12)))
         prompts.append(3)
-    return Rows(sequences, prompts)
+    return Rows.from_lists(sequences, prompts)
 
 
 def _job(tmp: Path, rows: Rows, steps: int, stop_after: int | None = None,
@@ -31,7 +31,7 @@ def _job(tmp: Path, rows: Rows, steps: int, stop_after: int | None = None,
                        checkpoint_every=2, log_every=1, seed=0)
 
     def compute(model, step, micro, rank):  # noqa: ANN001, ANN202
-        indices = micro_batch_indices(len(rows), 0, step, micro, 8, rank, 1, 1)
+        indices = micro_batch_indices(rows, 0, step, micro, 8, rank, 1, 1)
         offsets = block_offsets(len(indices), 3, 0, step, micro, rank, True)
         batch = ic_batch(rows, indices, 3, MASK_ID, PAD_ID, offsets)
         loss = ic_loss(model, batch, alpha)

@@ -42,7 +42,7 @@ def _ar_step(inputs: common.StageInputs, opt_seed: int, micro_batch: int, grad_a
     from idlm.training.batches import ar_batch, micro_batch_indices
 
     def compute(model, step, micro, rank):  # noqa: ANN001, ANN202
-        indices = micro_batch_indices(len(inputs.train), opt_seed, step, micro, micro_batch,
+        indices = micro_batch_indices(inputs.train, opt_seed, step, micro, micro_batch,
                                       rank, grad_accum, world)
         batch = ar_batch(inputs.train, indices, inputs.pad_token_id)
         labels = batch["labels"].to(inputs.device)

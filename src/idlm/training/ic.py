@@ -27,7 +27,7 @@ def ic_step(inputs: common.StageInputs, stride: int, alpha: float | str, seed: i
     from idlm.training.batches import block_offsets, ic_batch, micro_batch_indices
 
     def compute(model, step, micro, rank):  # noqa: ANN001, ANN202
-        indices = micro_batch_indices(len(inputs.train), seed, step, micro, micro_batch, rank,
+        indices = micro_batch_indices(inputs.train, seed, step, micro, micro_batch, rank,
                                       grad_accum, world)
         offsets = block_offsets(len(indices), stride, seed, step, micro, rank, randomise_offsets)
         batch = ic_batch(inputs.train, indices, stride, inputs.mask_token_id,

@@ -1,0 +1,88 @@
+"""ISD verification as pure functions on tensors (no model, no cache): reusable by a server.
+
+Shapes, for a batch of B rows whose widest stride gives D = N-1 draft slots:
+
+* ``anchor``: [B, D+1, ...] the AR ("anchor") rows of a window: index 0 is ``pending``,
+  index i the draft ``s_i``; row i gives the distribution p_i of the token after it.
+* ``masks``: [B, D, ...] the MASK rows: q_j drafts the j-th token after the bonus.
+* ``drafts``: [B, D] the drafts ``s_1..s_D`` proposed last step (from that step's q).
+* ``num_checked``: [B] drafts to verify this step; 0 on a cold start (and in AR mode).
+
+Rule (DESIGN.md): verify left to right; ``k`` leading drafts are accepted. If all checked
+drafts are accepted the step emits them plus a *bonus* drawn from p_k; otherwise it emits
+the k accepted drafts plus a *replacement* drawn from norm(max(0, p_k - q_{k+1})) and the
+next step is a cold start. Either way the emitted token after the accepted drafts is
+``token`` and the KV entries kept are ``pending`` plus the k accepted drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from idlm.decoding.sampling import sample_from
+
+
+@dataclass
+class StepOutcome:
+    """What one verification step decided, per row."""
+
+    accepted: torch.Tensor            # [B] k, leading drafts accepted
+    token: torch.Tensor               # [B] bonus / replacement / AR token, emitted after them
+    all_accepted: torch.Tensor        # [B] bool: k == num_checked (no rejection this step)
+    next_drafts: torch.Tensor         # [B, D] proposals for the next step (from the MASK rows)
+    next_draft_probs: torch.Tensor | None  # [B, D, V] q of those proposals (None when greedy)
+
+
+def leading_accepts(accept: torch.Tensor, num_checked: torch.Tensor) -> torch.Tensor:
+    """k per row: how many drafts, from the left, pass before the first failure."""
+    slots = torch.arange(accept.shape[1], device=accept.device)
+    checked = accept & (slots[None, :] < num_checked[:, None])
+    return checked.to(torch.int64).cumprod(dim=1).sum(dim=1)
+
+
+def verify_greedy(anchor_logits: torch.Tensor, mask_logits: torch.Tensor,
+                  drafts: torch.Tensor, num_checked: torch.Tensor) -> StepOutcome:
+    """T = 0: accept s_i iff it is argmax p_{i-1}; emit argmax p_k; drafts are argmax q."""
+    anchor_argmax = anchor_logits.argmax(dim=-1)
+    width = drafts.shape[1]
+    accepted = leading_accepts(drafts == anchor_argmax[:, :width], num_checked)
+    token = anchor_argmax.gather(1, accepted[:, None]).squeeze(1)
+    return StepOutcome(accepted, token, accepted == num_checked, mask_logits.argmax(dim=-1),
+                       None)
+
+
+def verify_sampled(anchor_probs: torch.Tensor, mask_probs: torch.Tensor, drafts: torch.Tensor,
+                   draft_probs: torch.Tensor, num_checked: torch.Tensor,
+                   accept_uniforms: torch.Tensor, token_uniforms: torch.Tensor,
+                   draft_uniforms: torch.Tensor, argmax_proposal: torch.Tensor) -> StepOutcome:
+    """T > 0: accept s_i with probability min(1, p(s_i) / q(s_i)); residual on rejection.
+
+    ``draft_probs`` is the q each draft was drawn from; ``*_uniforms`` are [B, D], [B] and
+    [B, D] in [0, 1). ``argmax_proposal`` rows propose argmax q instead of a draw from q
+    (faster acceptance, but not an exact sampler at T > 0: labelled inexact everywhere).
+    """
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    width = drafts.shape[1]
+    if width:
+        p_of_draft = anchor_probs[:, :width].gather(2, drafts[..., None]).squeeze(2)
+        q_of_draft = draft_probs.gather(2, drafts[..., None]).squeeze(2)
+        # u < p/q, written without a division: q(s) > 0 because s was proposed from q.
+        accept = accept_uniforms.to(p_of_draft.dtype) * q_of_draft < p_of_draft
+        accepted = leading_accepts(accept, num_checked)
+    else:
+        accepted = torch.zeros_like(num_checked)
+    all_accepted = accepted == num_checked
+    target = anchor_probs[rows, accepted]
+    if width:
+        rejected_q = draft_probs[rows, accepted.clamp(max=width - 1)]
+        residual = (target - rejected_q).clamp_(min=0)
+        # A residual with no mass can only come from rounding (p == q never rejects).
+        usable = residual.sum(-1, keepdim=True) > 0
+        residual = torch.where(usable, residual, target)
+        target = torch.where(all_accepted[:, None], target, residual)
+    token = sample_from(target, token_uniforms)
+    sampled_drafts = sample_from(mask_probs, draft_uniforms)
+    next_drafts = torch.where(argmax_proposal[:, None], mask_probs.argmax(-1), sampled_drafts)
+    return StepOutcome(accepted, token, all_accepted, next_drafts, mask_probs)

@@ -1,0 +1,124 @@
+"""Window layout, attention mask, commit and stop logic as pure functions on tensors.
+
+A step's window for row r (D = widest draft count in the batch, W = 2D+1, n = its own):
+
+* verify:     ``[pending, s_1..s_n, MASK x n, pad ...]``  (num_checked = n)
+* cold start: ``[pending, MASK x n, pad ...]``             (num_checked = 0)
+* AR (n = 0): ``[pending, pad ...]``
+
+Positions are ``lengths[r] + 0..W-1`` and the window's KV lands in cache slots with the
+same numbers (see kv_cache.py). The prefill is the same shape of step with the whole prompt
+in front: ``[prompt..., MASK x n, pad ...]`` from slot 0, its last prompt token playing
+``pending`` (the "anchor"). After verification a row keeps ``anchor + 1 + k`` new slots:
+the prompt / pending token plus the k accepted drafts; MASK and rejected-draft slots are
+dropped simply by not counting them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Window:
+    """The input of one forward, plus where each row's pending token sits in it."""
+
+    input_ids: torch.Tensor     # [B, W]
+    position_ids: torch.Tensor  # [B, W]
+    anchor: torch.Tensor        # [B] window index of pending (0, or prompt length - 1)
+    num_checked: torch.Tensor   # [B] drafts verified in this window
+
+
+def step_window(pending: torch.Tensor, drafts: torch.Tensor, has_drafts: torch.Tensor,
+                num_drafts: torch.Tensor, lengths: torch.Tensor, mask_token_id: int,
+                pad_token_id: int) -> Window:
+    """Lay out every row's window at once (vectorised, no per-row Python)."""
+    rows, width_drafts = drafts.shape
+    width = 2 * width_drafts + 1
+    num_checked = torch.where(has_drafts, num_drafts, torch.zeros_like(num_drafts))
+    index = torch.arange(width, device=pending.device)[None, :]
+    draft_part = (index >= 1) & (index <= num_checked[:, None])
+    mask_part = (index > num_checked[:, None]) & (index <= (num_checked + num_drafts)[:, None])
+    padded_drafts = torch.cat([pending[:, None], drafts, drafts], dim=1)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=pending.device)
+    input_ids = torch.where(draft_part, padded_drafts, input_ids)
+    input_ids = torch.where(mask_part, mask_token_id, input_ids)
+    input_ids[:, 0] = pending
+    position_ids = lengths[:, None] + index
+    return Window(input_ids, position_ids, torch.zeros_like(lengths), num_checked)
+
+
+def prefill_window(prompts: Sequence[Sequence[int]], num_drafts: Sequence[int],
+                   width_drafts: int, mask_token_id: int, pad_token_id: int,
+                   device: torch.device | str) -> Window:
+    """``[prompt, MASK x n, pad]`` per row from position 0: prefill fused with a cold start."""
+    width = max(len(prompt) for prompt in prompts) + width_drafts
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    for row, (prompt, drafts) in enumerate(zip(prompts, num_drafts, strict=True)):
+        input_ids[row, :len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+        input_ids[row, len(prompt):len(prompt) + drafts] = mask_token_id
+    anchor = torch.as_tensor([len(prompt) - 1 for prompt in prompts], dtype=torch.long)
+    positions = torch.arange(width).expand(len(prompts), width)
+    return Window(input_ids.to(device), positions.to(device), anchor.to(device),
+                  torch.zeros(len(prompts), dtype=torch.long, device=device))
+
+
+def attention_mask(lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
+    """Bool [B, 1, W, K]: query i of row r sees cache slots <= lengths[r] + i (causal).
+
+    Slots a row has not committed but another row has (ragged lengths) fall beyond its
+    own window and are hidden; every query sees at least slot 0, so no row is all-masked.
+    """
+    query_limit = lengths[:, None] + torch.arange(width, device=lengths.device)[None, :]
+    slots = torch.arange(key_length, device=lengths.device)
+    return (slots[None, None, :] <= query_limit[:, :, None])[:, None]
+
+
+def logit_rows(anchor: torch.Tensor, num_checked: torch.Tensor, width_drafts: int,
+               window_width: int) -> torch.Tensor:
+    """[B, 2D+1] window indices whose logits the verifier needs: D+1 anchor rows, D MASK rows."""
+    offsets = torch.arange(width_drafts + 1, device=anchor.device)
+    anchor_rows = anchor[:, None] + offsets[None, :]
+    mask_rows = (anchor + 1 + num_checked)[:, None] + offsets[None, :width_drafts]
+    return torch.cat([anchor_rows, mask_rows], dim=1).clamp_(max=window_width - 1)
+
+
+def emitted_tokens(drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, D+1] tokens this step emits (k accepted drafts, then ``token``) and their count."""
+    emitted = torch.cat([drafts, torch.zeros_like(token)[:, None]], dim=1)
+    emitted.scatter_(1, accepted[:, None], token[:, None])
+    return emitted, accepted + 1
+
+
+def stop_cut(emitted: torch.Tensor, count: torch.Tensor, stop_token_ids: torch.Tensor,
+             room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many emitted tokens to keep and whether a stop token ended the request.
+
+    ``stop_token_ids`` is [B, S] padded with -1; ``room`` is what is left of each
+    request's token budget. The stop token itself is kept (as transformers does).
+    """
+    slots = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
+    valid = slots < count[:, None]
+    is_stop = (emitted[:, :, None] == stop_token_ids[:, None, :]).any(-1) & valid
+    hit = is_stop.any(dim=1)
+    first_stop = is_stop.to(torch.int64).argmax(dim=1)
+    keep = torch.where(hit, first_stop + 1, count)
+    stopped = hit & (keep <= room)
+    return torch.minimum(keep, room), stopped
+
+
+def write_tokens(buffer: torch.Tensor, written: torch.Tensor, emitted: torch.Tensor,
+                 keep: torch.Tensor) -> None:
+    """Append each row's first ``keep`` emitted tokens at ``written`` (in place).
+
+    The buffer has D+1 spare columns at the end so that a row with no room left can
+    write its discarded tokens there instead of branching.
+    """
+    slots = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
+    spare = buffer.shape[1] - emitted.shape[1] + slots
+    target = torch.where(slots < keep[:, None], written[:, None] + slots, spare)
+    buffer.scatter_(1, target, emitted)

@@ -1,0 +1,312 @@
+"""The batched decoding engine: AR, ISD and R-ISD over one ragged KV cache.
+
+The loop here only calls the model and moves state; the decisions live in pure
+functions (``bookkeeping``, ``acceptance``, ``sampling``, ``stats``). One step is one
+decoder forward over every running row's window, then one verification, then one
+commit; the host reads two numbers per step (the longest row and how many finished).
+
+R-ISD is ISD on a model that carries a gated LoRA (``idlm.model.gated_lora``): the gate
+turns on at MASK input rows only, so every emitted token is computed by the base weights.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from idlm.decoding import bookkeeping as book
+from idlm.decoding.acceptance import StepOutcome, verify_greedy, verify_sampled
+from idlm.decoding.batch import CallShape, DecodeBatch, new_batch
+from idlm.decoding.kv_cache import RaggedKVCache
+from idlm.decoding.requests import (
+    DecodingError,
+    GenerationRequest,
+    GenerationResult,
+    request_error,
+)
+from idlm.decoding.sampling import ACCEPT_SLOT, DRAFT_SLOT, TOKEN_SLOT, counter_uniforms, warp_probs
+from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
+
+# Capacity reserved up front beyond the prompt; the cache grows by doubling after that.
+INITIAL_GENERATION_CAPACITY = 256
+
+
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """(decoder, LM head, config) of a causal LM or of a PEFT model wrapping one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.get_decoder(), causal_lm.get_output_embeddings(), causal_lm.config
+
+
+class DecodingEngine:
+    """Serve many requests at once; each has its own mode, stride, sampling and length."""
+
+    def __init__(self, model: torch.nn.Module, mask_token_id: int, *,
+                 pad_token_id: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                 tokenizer: Any = None, max_batch_size: int = 64,
+                 context_length: int | None = None) -> None:
+        self.model = model.eval()
+        self.decoder, self.head, config = decoder_parts(model)
+        self.mask_token_id = int(mask_token_id)
+        self.pad_token_id = _pad_id(pad_token_id, config, self.mask_token_id)
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else _eos(config)
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length or config.max_position_embeddings
+        self.config = config
+        self.vocab_size = self.head.weight.shape[0]
+        self.device = self.head.weight.device
+        self.cache_dtype = self.head.weight.dtype
+        self.gated = _check_gate(self.decoder, self.mask_token_id)
+        _check_full_attention(config)
+        if self.mask_token_id >= self.vocab_size:
+            raise DecodingError(f"MASK id {self.mask_token_id} is outside the model's "
+                                f"{self.vocab_size}-row vocabulary")
+
+    @property
+    def name(self) -> str:
+        return "risd" if self.gated else "isd"
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode every request; invalid ones get an error result, the rest are unaffected."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        self._ended_by_stop_string: set[int] = set()
+        valid = []
+        for index, request in enumerate(requests):
+            error = request_error(request, self.context_length, self.vocab_size,
+                                  self.mask_token_id, self.tokenizer is not None)
+            if error is None:
+                valid.append(index)
+            else:
+                results[index] = GenerationResult(index, finish_reason="error", error=error,
+                                                  stats=self._empty_stats(request))
+        if valid:
+            self._run(requests, valid, results)
+        return [result for result in results if result is not None]
+
+    # ------------------------------------------------------------------ scheduling
+    def _run(self, requests: Sequence[GenerationRequest], valid: list[int],
+             results: list[GenerationResult | None]) -> None:
+        shape = self._call_shape([requests[i] for i in valid])
+        queue, batch = deque(valid), None
+        while queue or batch is not None:
+            free = self.max_batch_size - (batch.rows if batch else 0)
+            if queue and free > 0:
+                admitted = [queue.popleft() for _ in range(min(free, len(queue)))]
+                fresh = self._prefill(requests, admitted, shape)
+                batch = fresh if batch is None else batch.concat(fresh)
+            else:
+                self._step(batch, shape)
+            batch = self._retire(batch, requests, results, bool(queue))
+
+    def _call_shape(self, requests: list[GenerationRequest]) -> CallShape:
+        stops = [len(r.sampling.stop_token_ids) if r.sampling.stop_token_ids is not None
+                 else len(self.stop_token_ids) for r in requests]
+        width_drafts = max(r.num_drafts for r in requests)
+        longest = max(r.sampling.max_new_tokens for r in requests)
+        return CallShape(width_drafts, self.vocab_size, max([1, *stops]),
+                         longest + width_drafts + 1, self.device)
+
+    def _budget(self, request: GenerationRequest) -> int:
+        return min(request.sampling.max_new_tokens, self.context_length - len(request.prompt_ids))
+
+    def _prefill(self, requests: Sequence[GenerationRequest], admitted: list[int],
+                 shape: CallShape) -> DecodeBatch:
+        """Prompt + first cold start in one forward (the prompt is never run again)."""
+        chosen = [requests[i] for i in admitted]
+        prompts = [list(r.prompt_ids) for r in chosen]
+        budgets = [self._budget(r) for r in chosen]
+        capacity = (max(map(len, prompts)) + 2 * shape.width_drafts + 1
+                    + min(max(budgets), INITIAL_GENERATION_CAPACITY))
+        cache = RaggedKVCache.for_model(self.config, len(chosen), capacity, self.cache_dtype,
+                                        self.device)
+        batch = new_batch(chosen, admitted, budgets, self.stop_token_ids, shape, cache)
+        window = book.prefill_window(prompts, [r.num_drafts for r in chosen],
+                                     shape.width_drafts, self.mask_token_id, self.pad_token_id,
+                                     self.device)
+        self._advance(batch, window, shape)
+        return batch
+
+    def _step(self, batch: DecodeBatch, shape: CallShape) -> None:
+        window = book.step_window(batch.pending, batch.drafts, batch.has_drafts,
+                                  batch.num_drafts, batch.lengths, self.mask_token_id,
+                                  self.pad_token_id)
+        self._advance(batch, window, shape)
+
+    def _retire(self, batch: DecodeBatch | None, requests: Sequence[GenerationRequest],
+                results: list[GenerationResult | None], waiting: bool) -> DecodeBatch | None:
+        """Hand finished rows their results and drop them, when dropping pays off.
+
+        Dropping copies the cache once; keeping a dead row costs a share of every step.
+        So rows leave when an eighth of the batch is done, or someone is waiting for a slot.
+        """
+        if batch is None or batch.finished_count == 0:
+            return batch
+        if batch.finished_count < max(1, batch.rows // 8) and not waiting \
+                and batch.finished_count < batch.rows:
+            return batch
+        finished = batch.finished.tolist()
+        done = [row for row, flag in enumerate(finished) if flag]
+        for row in done:
+            index = batch.request_ids[row]
+            results[index] = self._result(batch, row, requests[index])
+        keep = [row for row, flag in enumerate(finished) if not flag]
+        if not keep:
+            return None
+        return batch.select(torch.as_tensor(keep, device=batch.lengths.device))
+
+    # ------------------------------------------------------------------ one step
+    def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape) -> None:
+        logits = self._forward(batch, window, shape.width_drafts)
+        outcome = self._verify(batch, logits, window.num_checked, shape.width_drafts)
+        written_before = batch.written.clone() if self._has_stop_strings(batch) else None
+        self._commit(batch, window, outcome)
+        if written_before is not None:
+            self._apply_stop_strings(batch, written_before)
+        max_length, finished_count = torch.stack(
+            [batch.lengths.max(), batch.finished.sum()]).tolist()
+        batch.max_length, batch.finished_count = int(max_length), int(finished_count)
+
+    def _forward(self, batch: DecodeBatch, window: book.Window, width_drafts: int
+                 ) -> torch.Tensor:
+        """Logits [B, 2D+1, V] at the rows the verifier reads (never the whole prompt)."""
+        width = window.input_ids.shape[1]
+        key_length = batch.max_length + width
+        batch.cache.begin_forward(batch.lengths, width, key_length)
+        mask = book.attention_mask(batch.lengths, width, key_length)
+        hidden = self.decoder(input_ids=window.input_ids, position_ids=window.position_ids,
+                              attention_mask={"full_attention": mask},
+                              past_key_values=batch.cache, use_cache=True).last_hidden_state
+        rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
+        picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.head(picked)
+
+    def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor,
+                width_drafts: int) -> StepOutcome:
+        anchor_logits, mask_logits = logits[:, :width_drafts + 1], logits[:, width_drafts + 1:]
+        if batch.all_greedy:
+            return verify_greedy(anchor_logits, mask_logits, batch.drafts, num_checked)
+        filter_top_k, filter_top_p = batch.filters
+        probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p,
+                           filter_top_k, filter_top_p)
+        uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(width_drafts,
+                                                                            logits.device))
+        return verify_sampled(
+            probs[:, :width_drafts + 1], probs[:, width_drafts + 1:], batch.drafts,
+            batch.draft_probs_or_one_hot(), num_checked,
+            accept_uniforms=uniforms[:, 1:width_drafts + 1], token_uniforms=uniforms[:, 0],
+            draft_uniforms=uniforms[:, width_drafts + 1:],
+            argmax_proposal=batch.argmax_proposal)
+
+    def _commit(self, batch: DecodeBatch, window: book.Window, outcome: StepOutcome) -> None:
+        """Emit, stop, advance lengths and hand the MASK proposals to the next step."""
+        active = ~batch.finished
+        emitted, count = book.emitted_tokens(batch.drafts, outcome.accepted, outcome.token)
+        room = (batch.budget - batch.written).clamp_(min=0)
+        keep, stopped = book.stop_cut(emitted, count, batch.stop_ids, room)
+        keep = keep * active
+        book.write_tokens(batch.tokens, batch.written, emitted, keep)
+        batch.written += keep
+        batch.stopped |= active & stopped
+        batch.finished |= active & (stopped | (batch.written >= batch.budget))
+        batch.stats.record(active, batch.num_drafts, window.num_checked, outcome.accepted,
+                           outcome.all_accepted)
+        batch.lengths += (window.anchor + 1 + outcome.accepted) * active
+        batch.pending = outcome.token
+        batch.drafts = outcome.next_drafts
+        batch.draft_probs = outcome.next_draft_probs
+        batch.has_drafts = outcome.all_accepted & (batch.num_drafts > 0)
+        batch.step_index += 1
+
+    # ------------------------------------------------------------------ stop strings
+    def _has_stop_strings(self, batch: DecodeBatch) -> bool:
+        return any(p.stop_strings for p in batch.params)
+
+    def _apply_stop_strings(self, batch: DecodeBatch, written_before: torch.Tensor) -> None:
+        """Host-side text check, only for the rows that asked for stop strings."""
+        rows = [row for row, p in enumerate(batch.params) if p.stop_strings]
+        before, after = written_before.tolist(), batch.written.tolist()
+        for row in rows:
+            if after[row] == before[row]:
+                continue
+            strings = batch.params[row].stop_strings
+            lookback = 4 * max(map(len, strings)) + 1
+            start = max(0, before[row] - lookback)
+            tokens = batch.tokens[row, start:after[row]].tolist()
+            for end in range(before[row] + 1, after[row] + 1):
+                text = self.tokenizer.decode(tokens[:end - start])
+                if any(stop in text for stop in strings):
+                    batch.written[row] = end
+                    batch.finished[row] = True
+                    batch.stopped[row] = True
+                    self._ended_by_stop_string.add(batch.request_ids[row])
+                    break
+
+    # ------------------------------------------------------------------ results
+    def _result(self, batch: DecodeBatch, row: int, request: GenerationRequest
+                ) -> GenerationResult:
+        written = int(batch.written[row])
+        token_ids = batch.tokens[row, :written].tolist()
+        stats = self._empty_stats(request)
+        drafts = request.num_drafts
+        rounds = batch.stats.rounds[row].tolist()
+        stats.tokens, stats.forwards = written, int(batch.stats.forwards[row])
+        stats.full_accept_rounds = rounds[FULL_ACCEPT]
+        stats.reject_rounds, stats.cold_start_rounds = rounds[REJECT], rounds[COLD_START]
+        stats.tried = batch.stats.tried[row, :drafts].tolist()
+        stats.accepted = batch.stats.accepted[row, :drafts].tolist()
+        if batch.request_ids[row] in self._ended_by_stop_string:
+            reason = "stop_string"
+        else:
+            reason = "stop" if bool(batch.stopped[row]) else "length"
+        text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
+        return GenerationResult(batch.request_ids[row], token_ids, reason, stats, text=text)
+
+    def _empty_stats(self, request: GenerationRequest) -> RequestStats:
+        mode = self.name if request.mode == "isd" else "ar"
+        stride = request.stride if request.mode == "isd" else 1
+        return RequestStats(mode=mode, stride=stride)
+
+
+def _slots(width_drafts: int, device: torch.device) -> torch.Tensor:
+    """Decision slots of one step: the token, then D accept tests, then D draft draws."""
+    drafts = torch.arange(width_drafts)
+    return torch.cat([torch.tensor([TOKEN_SLOT]), ACCEPT_SLOT + drafts,
+                      DRAFT_SLOT + drafts]).to(device)
+
+
+def _pad_id(pad_token_id: int | None, config: Any, mask_token_id: int) -> int:
+    pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+    pad = 0 if pad is None else int(pad)
+    if pad == mask_token_id:
+        raise DecodingError("the pad id equals the MASK id: window padding would turn the "
+                            "gated LoRA on; pass a different pad_token_id")
+    return pad
+
+
+def _eos(config: Any) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def _check_gate(decoder: torch.nn.Module, mask_token_id: int) -> bool:
+    token_gate = getattr(decoder, "idlm_token_gate", None)
+    if token_gate is None:
+        return False
+    if token_gate.mask_token_id != mask_token_id:
+        raise DecodingError(f"the gated adapter turns on at MASK id {token_gate.mask_token_id} "
+                            f"but the engine drafts with MASK id {mask_token_id}")
+    return True
+
+
+def _check_full_attention(config: Any) -> None:
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise DecodingError(f"layer types {sorted(kinds)}: the engine supports full attention "
+                            "only (no sliding-window layers)")

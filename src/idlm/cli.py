@@ -18,7 +18,7 @@ def _config_use(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.file, args.overrides)
-    print(f"{args.file or config_mod.ACTIVE_CONFIG.name}: ok (profile {cfg.profile})")
+    print(f"{args.file or config_mod.active_config().name}: ok (profile {cfg.profile})")
     return 0
 
 

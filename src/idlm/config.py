@@ -12,15 +12,35 @@ Only pydantic and yaml are imported here, so validation fails fast (well under
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
-ACTIVE_CONFIG = REPO_ROOT / "params.yaml"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def workspace() -> Path:
+    """The project checkout we act on: $IDLM_WORKSPACE, else the nearest folder (from the
+    current directory up) holding dvc.yaml, else the checkout this package came from.
+    DVC runs stage commands from the folder of dvc.yaml, so stages find it either way."""
+    if os.environ.get("IDLM_WORKSPACE"):
+        return Path(os.environ["IDLM_WORKSPACE"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "configs").is_dir():
+            return folder
+    return PACKAGE_ROOT
+
+
+def config_dir() -> Path:
+    return workspace() / "configs"
+
+
+def active_config() -> Path:
+    return workspace() / "params.yaml"
 STAGES = ("prepare", "base", "ic", "lora")
 
 
@@ -194,7 +214,7 @@ class Config(Section):
         """Path under the outputs folder (relative paths are taken from the repo root)."""
         root = Path(self.outputs)
         if not root.is_absolute():
-            root = REPO_ROOT / root
+            root = workspace() / root
         return root.joinpath(*parts)
 
 
@@ -213,7 +233,7 @@ def _describe_error(err: dict[str, Any]) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (profiles live in {CONFIG_DIR})")
+        raise ConfigError(f"{path}: config file not found (profiles live in {config_dir()})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -260,7 +280,7 @@ def validate(data: dict[str, Any], source: str | Path) -> Config:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load the active config (``params.yaml``) or any config file, with overrides."""
-    path = Path(path) if path else ACTIVE_CONFIG
+    path = Path(path) if path else active_config()
     data = apply_overrides(_read_yaml(path), overrides or [])
     cfg = validate(data, path)
     check_files(cfg, path)
@@ -268,9 +288,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
-    path = CONFIG_DIR / f"{profile}.yaml"
+    path = config_dir() / f"{profile}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        known = ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml")))
         raise ConfigError(f"{path}: no such profile '{profile}' (known: {known})")
     return load(path, overrides)
 
@@ -296,14 +316,15 @@ def looks_local(value: str) -> bool:
 
 def resolve_path(value: str) -> Path:
     path = Path(value).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    return path if path.is_absolute() else workspace() / path
 
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def write_active(cfg: Config, path: Path = ACTIVE_CONFIG) -> Path:
+def write_active(cfg: Config, path: Path | None = None) -> Path:
+    path = path or active_config()
     header = f"# Active config, resolved from configs/{cfg.profile}.yaml by `idlm config use`.\n"
     header += "# DVC tracks its sections as stage params: `dvc exp run -S key=value` edits them.\n"
     tmp = path.with_suffix(".yaml.tmp")

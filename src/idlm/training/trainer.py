@@ -131,6 +131,32 @@ class _Log:
                 handle.write(json.dumps(entry) + "\n")
 
 
+class _Window:
+    """Means of the stats since the last log line (one micro-batch alone is noisy)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count, self.tokens, self.total_tokens = 0, 0, 0
+        self.last: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict[str, float], tokens: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.tokens += tokens
+        self.total_tokens += tokens
+        self.last = stats
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        means["tokens_per_second"] = self.tokens / elapsed
+        self.sums, self.count, self.tokens = {}, 0, 0
+        self.started = time.perf_counter()
+        return means
+
+
 def _progress(job: TrainJob, start: int, enabled: bool):  # noqa: ANN202
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
@@ -154,33 +180,25 @@ def train(job: TrainJob) -> TrainResult:
     start = _resume(engine, job)
     log = _Log(job.checkpoint_dir / "log.jsonl", start, enabled=rank == 0)
     bar = _progress(job, start, rank == 0)
-    began = window_start = time.perf_counter()
-    window_tokens = total_tokens = 0
+    began = time.perf_counter()
     last = job.stop_after if job.stop_after is not None else job.total_steps
-    step = start
+    step, window = start, _Window()
     for step in range(start, min(last, job.total_steps)):
-        stats: dict[str, float] = {}
         for micro in range(job.opt.grad_accum):
-            loss, micro_stats, tokens = engine(step, micro, rank)
+            loss, stats, tokens = engine(step, micro, rank)
             engine.backward(loss)
             engine.step()
-            window_tokens += tokens
-            for key, value in micro_stats.items():
-                stats[key] = stats.get(key, 0.0) + value / job.opt.grad_accum
+            window.add(stats, tokens)
         done = step + 1
         if done % job.opt.log_every == 0 or done == job.total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            entry = {"step": done, "lr": float(scheduler.get_last_lr()[0]),
-                     "tokens_per_second": window_tokens / elapsed, **stats}
+            entry = {"step": done, "lr": float(scheduler.get_last_lr()[0]), **window.flush()}
             log.add(entry)
-            total_tokens += window_tokens
-            window_tokens, window_start = 0, time.perf_counter()
             if bar is None and rank == 0:
                 shown = " ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "step")
                 print(f"[{job.name}] step {done}/{job.total_steps} {shown}", flush=True)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in window.last.items()})
         if done % job.opt.checkpoint_every == 0 or done == job.total_steps:
             _save(engine, job, done, rank)
         step = done
@@ -188,7 +206,7 @@ def train(job: TrainJob) -> TrainResult:
         bar.close()
     seconds = max(time.perf_counter() - began, 1e-9)
     return TrainResult(engine, step, step >= job.total_steps, log.history,
-                       (total_tokens + window_tokens) / seconds)
+                       window.total_tokens / seconds)
 
 
 def trained_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,87 @@
+"""Config: profiles validate; bad input fails fast with one line naming file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from idlm import config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "qwen3-8b", "qwen3-32b"])
+def test_profiles_validate(profile: str) -> None:
+    cfg = config.load_profile(profile)
+    assert cfg.profile == profile
+    assert [p.stride for p in cfg.ic.phases][:2] == [2, 3]
+
+
+def test_paper_settings_in_the_8b_profile() -> None:
+    cfg = config.load_profile("qwen3-8b")
+    assert cfg.model.mask_token_id == 151669 and cfg.model.dtype == "bfloat16"
+    assert [p.alpha for p in cfg.ic.phases] == [0.2, "auto"]
+    assert cfg.ic.phases[0].train.lr == 1e-5 and cfg.ic.phases[0].train.epochs == 1.0
+    assert cfg.lora.rank == 128 and cfg.lora.targets == "all-linear"
+
+
+def test_params_yaml_is_the_resolved_tiny_profile() -> None:
+    assert config.load(REPO / "params.yaml") == config.load_profile("tiny")
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("ic.phases.0.train.lrr=1", "unknown key 'ic.phases.0.train.lrr'"),
+    ("ic.phases.0.stride=x", "key 'ic.phases.0.stride'"),
+    ("ic.phases.0.stride=9", "key 'ic.phases.0.stride'"),
+    ("lora.train.deepspeed=configs/deepspeed/nope.json", "'configs/deepspeed/nope.json' not found"),
+    ("prepare.dataset.name_or_path=./no/such/data", "'./no/such/data' not found"),
+])
+def test_bad_values_name_the_key(override: str, expected: str) -> None:
+    with pytest.raises(config.ConfigError, match="params.yaml: ") as info:
+        config.load(REPO / "params.yaml", [override])
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_steps_or_epochs_exactly_one() -> None:
+    with pytest.raises(config.ConfigError, match="exactly one of 'steps' or 'epochs'"):
+        config.load(REPO / "params.yaml", ["base.train.epochs=1"])
+
+
+def test_overrides_reach_nested_lists() -> None:
+    cfg = config.load(REPO / "params.yaml", ["ic.phases.1.train.lr=5e-4", "seed=3"])
+    assert cfg.ic.phases[1].train.lr == 5e-4 and cfg.seed == 3
+
+
+def test_missing_or_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ic: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML at line"):
+        config.load(broken)
+    with pytest.raises(config.ConfigError, match="no such profile 'nope'"):
+        config.load_profile("nope")
+
+
+def test_stage_script_fails_fast_and_writes_nothing(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "stages/ic.py", f"outputs={tmp_path / 'out'}", "ic.phases.0.alpah=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'ic.phases.0.alpah'" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert elapsed < 2.0
+
+
+def test_stage_help_is_fast() -> None:
+    result = subprocess.run([sys.executable, "stages/ic.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "curriculum phase" in result.stdout

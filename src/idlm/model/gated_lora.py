@@ -35,6 +35,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from idlm.stage import StageError
+
 GATE_RULE = "input_ids == mask_token_id"
 GATE_FILE = "idlm_gate.json"
 GATE_FORMAT = "idlm-gated-lora/1"
@@ -54,7 +56,7 @@ CHECKPOINT_HASH_FIELD = "checkpoint_sha256"
 _GATE_KWARG = "idlm_token_gate"
 
 
-class GatedLoraError(RuntimeError):
+class GatedLoraError(StageError):
     """A gated-LoRA misuse or a bad adapter, phrased as one line saying what to do."""
 
 

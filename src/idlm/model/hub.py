@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from idlm.stage import StageError
+
 logger = logging.getLogger(__name__)
 
 # What a causal-LM checkpoint needs; the same filter for hub downloads and local directories
@@ -33,7 +35,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StageError):
     """A checkpoint that cannot be used, phrased as one line saying what to do."""
 
 

@@ -75,14 +75,14 @@ def _pretrain_tiny(cfg: Config, stop_after: int | None = None) -> dict[str, Any]
     result = train(job)
     if not result.finished:
         return {"steps": result.steps_done, "finished": False}
+    # Gathered on every rank (ZeRO-3 shards); the engine already updated `model` in place.
     state = trained_state_dict(result.engine)
-    model.load_state_dict(state)
     heldout = common.heldout_losses(model, inputs, stride=None)
     metrics = {"steps": steps, "parameters": count_parameters(model),
                "train_loss": result.history[-1]["loss"], **heldout,
                "tokens_per_second": result.tokens_per_second}
     if rank == 0:
-        common.save_model(model, tok, cfg.out("base", "model"))
+        common.save_model(model, tok, cfg.out("base", "model"), state_dict=state)
         pin = {"kind": "tiny", "path": "base/model",  # relative to the outputs folder
                "fingerprint": common.fingerprint_of(fingerprint, metrics["train_loss"])}
         write_json_atomic(common.base_pin_path(cfg), pin)

@@ -44,8 +44,6 @@ def ic_step(inputs: common.StageInputs, stride: int, alpha: float | str, seed: i
 
 def run(cfg: Config, stop_after: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train every phase; ``stop_after=(phase, step)`` stops early as a kill would (tests)."""
-    from idlm.model.factory import load_causal_lm
-
     device = distributed.device_for_rank()
     rank, world = distributed.init(device)
     inputs = common.load_inputs(cfg, device)
@@ -63,9 +61,8 @@ def run(cfg: Config, stop_after: tuple[int, int] | None = None) -> dict[str, Any
         if _is_done(done, fingerprint):
             record = json.loads(done.read_text())
         else:
-            model = load_causal_lm(source, cfg.model, device, attention=inputs.attention)
             until = stop_after[1] if stop_after and stop_after[0] == index else None
-            record = _train_phase(cfg, inputs, model, phase, name, phase_dir, fingerprint,
+            record = _train_phase(cfg, inputs, source, phase, name, phase_dir, fingerprint,
                                   world, rank, until)
             if record is None:
                 return {"finished": False, "phase": name}
@@ -81,15 +78,18 @@ def _is_done(done: Path, fingerprint: str) -> bool:
     return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
 
 
-def _train_phase(cfg: Config, inputs: common.StageInputs, model, phase: Phase, name: str,  # noqa: ANN001
-                 phase_dir: Path, fingerprint: str, world: int, rank: int,
+def _train_phase(cfg: Config, inputs: common.StageInputs, source: Path, phase: Phase,
+                 name: str, phase_dir: Path, fingerprint: str, world: int, rank: int,
                  stop_after: int | None) -> dict[str, Any] | None:
+    from idlm.model.factory import load_causal_lm
     from idlm.training.batches import total_steps
-    from idlm.training.trainer import TrainJob, train, trained_state_dict
+    from idlm.training.trainer import TrainJob, train, trained_state_dict, zero3_loading
 
     opt = phase.train
     steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
                         opt.steps, opt.epochs)
+    zero3 = zero3_loading(opt, steps, inputs.device)  # noqa: F841 - must outlive training
+    model = load_causal_lm(source, cfg.model, inputs.device, attention=inputs.attention)
     compute = ic_step(inputs, phase.stride, phase.alpha, opt.seed + 7919 * phase.stride,
                       opt.micro_batch_size, opt.grad_accum, world, cfg.ic.random_block_offset)
     job = TrainJob(f"ic {name}", model, compute, opt, steps, phase_dir, fingerprint,
@@ -97,14 +97,14 @@ def _train_phase(cfg: Config, inputs: common.StageInputs, model, phase: Phase, n
     result = train(job)
     if not result.finished:
         return None
-    model.load_state_dict(trained_state_dict(result.engine))
+    state = trained_state_dict(result.engine)  # gathered on every rank (ZeRO-3 shards)
     last = result.history[-1]
     record = {"phase": name, "stride": phase.stride, "steps": steps,
               "alpha": last["alpha"], "mask_ce": last["mask_ce"], "clean_ce": last["clean_ce"],
               "tokens_per_second": result.tokens_per_second,
               **common.heldout_losses(model, inputs, phase.stride), "fingerprint": fingerprint}
     if rank == 0:
-        common.save_model(model, inputs.tokenizer, phase_dir / "final")
+        common.save_model(model, inputs.tokenizer, phase_dir / "final", state_dict=state)
         write_json_atomic(phase_dir / "done.json", record)
     distributed.barrier()
     return record

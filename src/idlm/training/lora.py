@@ -20,20 +20,21 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     from idlm.model.gated_lora import attach_gated_lora, base_fingerprint
     from idlm.training.batches import total_steps
     from idlm.training.ic import ic_step
-    from idlm.training.trainer import TrainJob, train
+    from idlm.training.trainer import TrainJob, train, zero3_loading
 
     section, opt = cfg.lora, cfg.lora.train
     device = distributed.device_for_rank()
     rank, world = distributed.init(device)
     inputs = common.load_inputs(cfg, device)
     pin = common.read_base_pin(cfg)
+    steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
+                        opt.steps, opt.epochs)
+    zero3 = zero3_loading(opt, steps, device)  # noqa: F841 - must outlive training
     base = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
                           attention=inputs.attention)
     fingerprint_of_base = base_fingerprint(base, checkpoint_hash=pin["fingerprint"])
     model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
                               section.dropout, section.targets)
-    steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
-                        opt.steps, opt.epochs)
     fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),
                                         inputs.data_fingerprint)
     compute = ic_step(inputs, section.stride, 0.0, opt.seed, opt.micro_batch_size,

@@ -81,6 +81,19 @@ def deepspeed_config(opt: Optimisation, total_steps: int, device: str) -> dict[s
     return ds
 
 
+def zero3_loading(opt: Optimisation, total_steps: int, device: str) -> Any:
+    """With ZeRO-3, models must be *loaded* partitioned (a 32B model does not fit whole on
+    every rank): transformers does that while a HfDeepSpeedConfig is alive. Hold the
+    returned object until training ends; None for ZeRO 0-2."""
+    ds = deepspeed_config(opt, total_steps, device)
+    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    distributed.init(device)
+    return HfDeepSpeedConfig(ds)
+
+
 def _prepare_checkpoint_dir(job: TrainJob, rank: int) -> None:
     """Keep checkpoints only if they were written for this exact job."""
     stamp = job.checkpoint_dir / "fingerprint.txt"

@@ -57,6 +57,19 @@ class DecodeBatch:
     cache_vocab: int = 0           # V, for one-hot q of greedy drafts
     max_length: int = 0            # host copy of lengths.max(), refreshed once per step
     finished_count: int = 0        # host copy of finished.sum(), refreshed once per step
+    max_checked: int = 0           # host copy of the most drafts any row verifies next step
+    min_length: int = 0            # host copy of lengths.min() (equal lengths need no mask)
+
+    def refresh_host(self) -> None:
+        """The step's one device->host read: what the next window's shape depends on."""
+        if not self.request_ids:
+            self.max_length = self.finished_count = self.max_checked = self.min_length = 0
+            return
+        checked = (self.num_drafts * self.has_drafts).max()
+        values = torch.stack([self.lengths.max(), self.finished.sum(), checked,
+                              self.lengths.min()]).tolist()
+        self.max_length, self.finished_count, self.max_checked, self.min_length = (
+            int(v) for v in values)
 
     @property
     def rows(self) -> int:
@@ -91,8 +104,7 @@ class DecodeBatch:
             changes[name] = None if value is None else value.index_select(0, rows)
         self.cache.select_rows(rows)
         selected = DecodeBatch(**{**self.__dict__, **changes})
-        selected.max_length = int(selected.lengths.max()) if host_rows else 0
-        selected.finished_count = int(selected.finished.sum())
+        selected.refresh_host()
         return selected
 
     def concat(self, other: DecodeBatch) -> DecodeBatch:
@@ -101,8 +113,6 @@ class DecodeBatch:
             "request_ids": self.request_ids + other.request_ids,
             "params": self.params + other.params,
             "stats": self.stats.concat(other.stats),
-            "max_length": max(self.max_length, other.max_length),
-            "finished_count": self.finished_count + other.finished_count,
         }
         for name in _row_tensor_fields():
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -110,12 +120,14 @@ class DecodeBatch:
                 mine, theirs = self.draft_probs_or_one_hot(), other.draft_probs_or_one_hot()
             changes[name] = None if mine is None else torch.cat([mine, theirs])
         self.cache.concat(other.cache)
-        return DecodeBatch(**{**self.__dict__, **changes})
+        merged = DecodeBatch(**{**self.__dict__, **changes})
+        merged.refresh_host()
+        return merged
 
 
 def _row_tensor_fields() -> list[str]:
     skip = {"request_ids", "params", "stats", "cache", "cache_vocab", "max_length",
-            "finished_count"}
+            "finished_count", "max_checked", "min_length"}
     return [f.name for f in fields(DecodeBatch) if f.name not in skip]
 
 

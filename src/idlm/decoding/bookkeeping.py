@@ -30,25 +30,31 @@ class Window:
     position_ids: torch.Tensor  # [B, W]
     anchor: torch.Tensor        # [B] window index of pending (0, or prompt length - 1)
     num_checked: torch.Tensor   # [B] drafts verified in this window
+    drafting: torch.Tensor      # [B, W] bool: the MASK slots (R-ISD's gate, by position)
 
 
 def step_window(pending: torch.Tensor, drafts: torch.Tensor, has_drafts: torch.Tensor,
                 num_drafts: torch.Tensor, lengths: torch.Tensor, mask_token_id: int,
-                pad_token_id: int) -> Window:
-    """Lay out every row's window at once (vectorised, no per-row Python)."""
+                pad_token_id: int, max_checked: int | None = None) -> Window:
+    """Lay out every row's window at once (vectorised, no per-row Python).
+
+    The width is 1 + max_checked + D: 2N-1 when some row verifies, N when every row
+    is on a cold start (then the N-1 draft slots would only hold padding).
+    """
     rows, width_drafts = drafts.shape
-    width = 2 * width_drafts + 1
+    max_checked = width_drafts if max_checked is None else max_checked
+    width = 1 + max_checked + width_drafts
     num_checked = torch.where(has_drafts, num_drafts, torch.zeros_like(num_drafts))
     index = torch.arange(width, device=pending.device)[None, :]
     draft_part = (index >= 1) & (index <= num_checked[:, None])
     mask_part = (index > num_checked[:, None]) & (index <= (num_checked + num_drafts)[:, None])
-    padded_drafts = torch.cat([pending[:, None], drafts, drafts], dim=1)
+    padded_drafts = torch.cat([pending[:, None], drafts, drafts], dim=1)[:, :width]
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=pending.device)
     input_ids = torch.where(draft_part, padded_drafts, input_ids)
     input_ids = torch.where(mask_part, mask_token_id, input_ids)
     input_ids[:, 0] = pending
     position_ids = lengths[:, None] + index
-    return Window(input_ids, position_ids, torch.zeros_like(lengths), num_checked)
+    return Window(input_ids, position_ids, torch.zeros_like(lengths), num_checked, mask_part)
 
 
 def prefill_window(prompts: Sequence[Sequence[int]], num_drafts: Sequence[int],
@@ -57,13 +63,16 @@ def prefill_window(prompts: Sequence[Sequence[int]], num_drafts: Sequence[int],
     """``[prompt, MASK x n, pad]`` per row from position 0: prefill fused with a cold start."""
     width = max(len(prompt) for prompt in prompts) + width_drafts
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    drafting = torch.zeros((len(prompts), width), dtype=torch.bool)
     for row, (prompt, drafts) in enumerate(zip(prompts, num_drafts, strict=True)):
         input_ids[row, :len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
         input_ids[row, len(prompt):len(prompt) + drafts] = mask_token_id
+        drafting[row, len(prompt):len(prompt) + drafts] = True
     anchor = torch.as_tensor([len(prompt) - 1 for prompt in prompts], dtype=torch.long)
     positions = torch.arange(width).expand(len(prompts), width)
     return Window(input_ids.to(device), positions.to(device), anchor.to(device),
-                  torch.zeros(len(prompts), dtype=torch.long, device=device))
+                  torch.zeros(len(prompts), dtype=torch.long, device=device),
+                  drafting.to(device))
 
 
 def attention_mask(lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
@@ -122,3 +131,16 @@ def write_tokens(buffer: torch.Tensor, written: torch.Tensor, emitted: torch.Ten
     spare = buffer.shape[1] - emitted.shape[1] + slots
     target = torch.where(slots < keep[:, None], written[:, None] + slots, spare)
     buffer.scatter_(1, target, emitted)
+
+
+def commit_single(buffer: torch.Tensor, written: torch.Tensor, budget: torch.Tensor,
+                  stop_token_ids: torch.Tensor, token: torch.Tensor, active: torch.Tensor,
+                  stopped: torch.Tensor, finished: torch.Tensor) -> None:
+    """AR's commit (one token per row), in place: the general path's result with fewer ops."""
+    keep = active & (written < budget)
+    is_stop = (token[:, None] == stop_token_ids).any(-1)
+    spare = buffer.shape[1] - 1
+    buffer.scatter_(1, torch.where(keep, written, spare)[:, None], token[:, None])
+    written += keep
+    stopped |= keep & is_stop
+    finished |= active & (is_stop | (written >= budget))

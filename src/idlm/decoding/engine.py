@@ -5,14 +5,18 @@ functions (``bookkeeping``, ``acceptance``, ``sampling``, ``stats``). One step i
 decoder forward over every running row's window, then one verification, then one
 commit; the host reads two numbers per step (the longest row and how many finished).
 
-R-ISD is ISD on a model that carries a gated LoRA (``idlm.model.gated_lora``): the gate
-turns on at MASK input rows only, so every emitted token is computed by the base weights.
+R-ISD is ISD on a model that carries a gated LoRA (``idlm.model.gated_lora``). The engine
+sets the gate itself, from the window layout: on at the MASK slots it placed, off
+everywhere else. That is the token rule ``input_ids == MASK`` whenever the context holds
+no MASK id, and stays lossless when it does (a random base can emit the MASK id as an
+ordinary token; AR would treat it as one, so R-ISD must too).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -27,7 +31,14 @@ from idlm.decoding.requests import (
     GenerationResult,
     request_error,
 )
-from idlm.decoding.sampling import ACCEPT_SLOT, DRAFT_SLOT, TOKEN_SLOT, counter_uniforms, warp_probs
+from idlm.decoding.sampling import (
+    ACCEPT_SLOT,
+    DRAFT_SLOT,
+    TOKEN_SLOT,
+    counter_uniforms,
+    sample_from,
+    warp_probs,
+)
 from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
 
 # Capacity reserved up front beyond the prompt; the cache grows by doubling after that.
@@ -60,6 +71,7 @@ class DecodingEngine:
         self.device = self.head.weight.device
         self.cache_dtype = self.head.weight.dtype
         self.gated = _check_gate(self.decoder, self.mask_token_id)
+        self.forwards_run = 0   # decoder calls so far (benchmarks divide wall time by it)
         _check_full_attention(config)
         if self.mask_token_id >= self.vocab_size:
             raise DecodingError(f"MASK id {self.mask_token_id} is outside the model's "
@@ -132,9 +144,12 @@ class DecodingEngine:
         return batch
 
     def _step(self, batch: DecodeBatch, shape: CallShape) -> None:
+        if shape.width_drafts == 0:
+            self._step_ar(batch)
+            return
         window = book.step_window(batch.pending, batch.drafts, batch.has_drafts,
                                   batch.num_drafts, batch.lengths, self.mask_token_id,
-                                  self.pad_token_id)
+                                  self.pad_token_id, batch.max_checked)
         self._advance(batch, window, shape)
 
     def _retire(self, batch: DecodeBatch | None, requests: Sequence[GenerationRequest],
@@ -167,23 +182,63 @@ class DecodingEngine:
         self._commit(batch, window, outcome)
         if written_before is not None:
             self._apply_stop_strings(batch, written_before)
-        max_length, finished_count = torch.stack(
-            [batch.lengths.max(), batch.finished.sum()]).tolist()
-        batch.max_length, batch.finished_count = int(max_length), int(finished_count)
+        batch.refresh_host()
+
+    def _step_ar(self, batch: DecodeBatch) -> None:
+        """An all-AR batch: the same cache and rules with one query per row and fewer ops."""
+        key_length = batch.max_length + 1
+        self.forwards_run += 1
+        batch.cache.begin_forward(batch.lengths, 1, key_length)
+        # Rows of equal length read every slot: no mask lets SDPA take its unmasked kernel.
+        mask = None if batch.min_length == batch.max_length else book.attention_mask(
+            batch.lengths, 1, key_length)
+        with self._gate(torch.zeros_like(batch.pending[:, None], dtype=torch.bool)):
+            hidden = self.decoder(input_ids=batch.pending[:, None],
+                                  position_ids=batch.lengths[:, None],
+                                  attention_mask={"full_attention": mask},
+                                  past_key_values=batch.cache, use_cache=True).last_hidden_state
+        logits = self.head(hidden)
+        if batch.all_greedy:
+            token = logits[:, 0].argmax(-1)
+        else:
+            filter_top_k, filter_top_p = batch.filters
+            probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p,
+                               filter_top_k, filter_top_p)
+            uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(0, logits.device))
+            token = sample_from(probs[:, 0], uniforms[:, 0])
+        active = ~batch.finished
+        written_before = batch.written.clone() if self._has_stop_strings(batch) else None
+        book.commit_single(batch.tokens, batch.written, batch.budget, batch.stop_ids, token,
+                           active, batch.stopped, batch.finished)
+        if written_before is not None:
+            self._apply_stop_strings(batch, written_before)
+        batch.stats.forwards += active
+        batch.lengths += active
+        batch.pending = token
+        batch.step_index += 1
+        batch.refresh_host()
 
     def _forward(self, batch: DecodeBatch, window: book.Window, width_drafts: int
                  ) -> torch.Tensor:
         """Logits [B, 2D+1, V] at the rows the verifier reads (never the whole prompt)."""
         width = window.input_ids.shape[1]
         key_length = batch.max_length + width
+        self.forwards_run += 1
         batch.cache.begin_forward(batch.lengths, width, key_length)
         mask = book.attention_mask(batch.lengths, width, key_length)
-        hidden = self.decoder(input_ids=window.input_ids, position_ids=window.position_ids,
-                              attention_mask={"full_attention": mask},
-                              past_key_values=batch.cache, use_cache=True).last_hidden_state
+        with self._gate(window.drafting):
+            hidden = self.decoder(input_ids=window.input_ids, position_ids=window.position_ids,
+                                  attention_mask={"full_attention": mask},
+                                  past_key_values=batch.cache, use_cache=True).last_hidden_state
         rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
         picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.head(picked)
+
+    def _gate(self, drafting: torch.Tensor) -> Any:
+        """R-ISD: the adapter's gate for this forward (a no-op without an adapter)."""
+        if not self.gated:
+            return nullcontext()
+        return gate_positions(self.decoder, drafting)
 
     def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor,
                 width_drafts: int) -> StepOutcome:
@@ -270,6 +325,28 @@ class DecodingEngine:
         mode = self.name if request.mode == "isd" else "ar"
         stride = request.stride if request.mode == "isd" else 1
         return RequestStats(mode=mode, stride=stride)
+
+
+@contextmanager
+def gate_positions(decoder: torch.nn.Module, gate: torch.Tensor) -> Iterator[None]:
+    """Gate a gated-LoRA decoder by position for the forwards in the block."""
+    from idlm.model.gated_lora import explicit_gate
+
+    # explicit_gate finds the gate holder by walking modules; the decoder holds it itself,
+    # so the walk stops at the first module.
+    with explicit_gate(decoder, gate):
+        yield
+
+
+@torch.inference_mode()
+def clean_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Plain causal logits with any gated adapter off (the AR law, even if ids hold MASK)."""
+    decoder, head, _ = decoder_parts(model)
+    gated = getattr(decoder, "idlm_token_gate", None) is not None
+    gate = gate_positions(decoder, torch.zeros_like(input_ids, dtype=torch.bool)) if gated \
+        else nullcontext()
+    with gate:
+        return head(decoder(input_ids=input_ids).last_hidden_state)
 
 
 def _slots(width_drafts: int, device: torch.device) -> torch.Tensor:

@@ -92,7 +92,7 @@ def request_error(request: GenerationRequest, context_length: int, vocab_size: i
         return "empty prompt: give at least one token"
     if request.mode == "isd" and not 2 <= request.stride <= MAX_STRIDE:
         return f"stride N={request.stride} is invalid for ISD: use 2 <= N <= {MAX_STRIDE}"
-    if mask_token_id in prompt:
+    if mask_token_id in prompt:  # the engine would read it as a drafting slot
         return (f"the prompt contains the MASK token (id {mask_token_id}) at position "
                 f"{prompt.index(mask_token_id)}: MASK is reserved for drafting")
     bad = [token for token in prompt if not 0 <= token < vocab_size]
@@ -101,10 +101,10 @@ def request_error(request: GenerationRequest, context_length: int, vocab_size: i
     if len(prompt) >= context_length:
         return (f"prompt of {len(prompt)} tokens leaves no room in the model's context of "
                 f"{context_length} tokens")
-    return _sampling_error(sampling, can_decode_text)
+    return sampling_error(sampling, can_decode_text)
 
 
-def _sampling_error(sampling: SamplingParams, can_decode_text: bool) -> str | None:
+def sampling_error(sampling: SamplingParams, can_decode_text: bool) -> str | None:
     if sampling.temperature < 0:
         return f"temperature {sampling.temperature} < 0"
     if not 0 < sampling.top_p <= 1:

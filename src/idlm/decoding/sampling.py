@@ -85,11 +85,10 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=scaled.device)
     k = torch.where(top_k > 0, top_k, vocab).to(scaled.device)[:, None, None]
-    keep = ranks < k
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    keep &= mass_before < top_p.to(scaled.dtype)[:, None, None]
-    keep[..., 0] = True
+    # The top token always stays, so top_p never empties a row.
+    keep = (mass_before < top_p.to(scaled.dtype)[:, None, None]) | (ranks == 0)
     filtered = sorted_logits.masked_fill(~keep, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, order, filtered)

@@ -1,0 +1,43 @@
+"""The 15-benchmark suite (plus the tiny profile's held-out sets): one module per benchmark
+under ``suite/``, one registry, shared scorers, a sandbox for code, backends and a runner.
+
+    from idlm.benchmarks import get_benchmark
+    bench = get_benchmark("gsm8k")
+    samples = bench.load(path="tests/fixtures/benchmarks/gsm8k.jsonl")
+    bench.score("... #### 18", samples[0]).correct
+"""
+
+from idlm.benchmarks.base import Benchmark, DataSource, Sample, Verdict
+from idlm.benchmarks.registry import (
+    REAL_SUITE,
+    TINY_SUITE,
+    benchmark_class,
+    benchmark_names,
+    get_benchmark,
+    register,
+)
+from idlm.benchmarks.settings import (
+    BenchmarkSettings,
+    EvaluateSettings,
+    SamplingSettings,
+    SandboxSettings,
+    with_tiny_items,
+)
+
+__all__ = [
+    "REAL_SUITE",
+    "TINY_SUITE",
+    "Benchmark",
+    "BenchmarkSettings",
+    "DataSource",
+    "EvaluateSettings",
+    "Sample",
+    "SamplingSettings",
+    "SandboxSettings",
+    "Verdict",
+    "benchmark_class",
+    "benchmark_names",
+    "get_benchmark",
+    "register",
+    "with_tiny_items",
+]

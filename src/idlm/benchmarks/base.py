@@ -1,0 +1,103 @@
+"""What every benchmark module defines: where its data lives, how a row becomes a prompt,
+and how an answer is scored. A benchmark is a small subclass registered by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from idlm.benchmarks.settings import SandboxSettings
+
+CATEGORIES = ("multiple_choice", "math", "code", "instruction")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the published data lives. Exactly one of ``hub_id``, ``url``, ``package_file``.
+
+    - ``hub_id``: a dataset hub repo at a pinned ``revision``; ``files`` names raw files to
+      fetch (``hf_hub_download``) instead of ``datasets.load_dataset``; ``sha256`` pins them.
+    - ``url``: a release archive or file, pinned by ``md5``; ``archive_root`` is the folder
+      inside a zip that holds the data.
+    - ``package_file``: a file shipped inside an installed package (``pkg/path``).
+    """
+
+    hub_id: str | None = None
+    config: str | None = None
+    split: str = "test"
+    revision: str | None = None
+    files: tuple[str, ...] = ()
+    sha256: tuple[tuple[str, str], ...] = ()
+    url: str | None = None
+    md5: str | None = None
+    archive_root: str | None = None
+    package_file: str | None = None
+    description: str = ""
+
+    def describe(self) -> str:
+        if self.description:
+            return self.description
+        if self.hub_id:
+            where = f"{self.hub_id}" + (f" ({self.config})" if self.config else "")
+            pin = self.revision or ("files pinned by sha256" if self.sha256 else "UNPINNED")
+            return f"{where} split {self.split} @ {pin}"
+        return self.url or f"package file {self.package_file}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark item: the chat messages to send, the gold reference and scorer meta."""
+
+    id: str
+    messages: list[dict[str, str]]
+    reference: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The scorer's decision: right or wrong, what it extracted, and why (one line)."""
+
+    correct: bool
+    extracted: str | None
+    detail: str = ""
+
+
+class Benchmark:
+    """Base class. Subclasses set the class attributes and ``to_sample`` / ``score``."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    category: ClassVar[str]
+    source: ClassVar[DataSource]
+    # A benchmark's own token budget (e.g. MC answers need fewer); capped by the suite's.
+    default_max_new_tokens: ClassVar[int | None] = None
+
+    def __init__(self, sandbox: SandboxSettings | None = None) -> None:
+        self.sandbox = sandbox or SandboxSettings()
+
+    def load(self, path: str | None = None, revision: str | None = None,
+             limit: int | None = None) -> list[Sample]:
+        """The benchmark's samples from ``path`` (local override) or its published source."""
+        from idlm.benchmarks.loading import load_rows
+
+        rows = load_rows(self.source, path, revision)
+        samples = [self.to_sample(row, index) for index, row in enumerate(rows)]
+        samples = [sample for sample in samples if sample is not None]
+        return samples[:limit] if limit is not None else samples
+
+    def to_sample(self, row: dict[str, Any], index: int) -> Sample | None:
+        raise NotImplementedError
+
+    def score(self, output: str, sample: Sample) -> Verdict:
+        raise NotImplementedError
+
+    def sample_from_reference(self, reference: Any, meta: dict[str, Any] | None = None
+                              ) -> Sample:
+        """A sample built from a reference given by hand (``idlm score``)."""
+        return Sample(id="cli", messages=[], reference=reference, meta=dict(meta or {}))
+
+
+def user_message(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,1 @@
+"""One module per benchmark; each registers its class with ``idlm.benchmarks.registry``."""

@@ -1,0 +1,153 @@
+"""The evaluation runner: per-sample logs, resume of a killed run without redoing finished
+samples, retry of failed generations, stale logs, and the table / chart / scores files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from idlm.benchmarks import BenchmarkSettings, EvaluateSettings, SamplingSettings
+from idlm.benchmarks.backends import Completion, Messages
+from idlm.benchmarks.report import scores_table, write_reports
+from idlm.benchmarks.runner import log_path, run_evaluation
+
+ITEMS = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks" / "tiny_eval_items.jsonl"
+BENCH = "tiny_multiple_choice"  # 4 items in the fixture
+
+
+def settings(**changes) -> EvaluateSettings:
+    base = dict(benchmarks=(BENCH,), batch_size=1,
+                sampling=SamplingSettings(temperature=1.0, max_new_tokens=32, seed=7),
+                overrides={BENCH: BenchmarkSettings(path=str(ITEMS))})
+    return EvaluateSettings(**{**base, **changes})
+
+
+class SeededBackend:
+    """Answers a letter drawn from each sample's seed: a resumed run must draw the same."""
+
+    name = "seeded"
+    identity = {"kind": "scripted"}
+
+    def __init__(self, fail_ids: Sequence[str] = ()) -> None:
+        self.prompts: list[str] = []
+        self.fail_ids = set(fail_ids)
+        self.thinking: list[bool | None] = []
+
+    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+                 seeds: Sequence[int] | None = None, thinking: bool | None = None
+                 ) -> list[Completion]:
+        self.thinking.append(thinking)
+        out = []
+        for messages, seed in zip(prompts, seeds, strict=True):
+            prompt = messages[-1]["content"]
+            self.prompts.append(prompt)
+            if any(key in prompt for key in self.fail_ids):
+                out.append(Completion("", "error", error="server went away"))
+            else:
+                out.append(Completion(f"<think>hmm</think>\nAnswer: {'ABCD'[seed % 4]}"))
+        return out
+
+
+def records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert "header" in json.loads(lines[0])
+    return [json.loads(line) for line in lines[1:]]
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from tests.unit.test_bench_runner import SeededBackend, settings
+    from idlm.benchmarks.runner import run_evaluation
+
+    class Slow(SeededBackend):
+        def generate(self, prompts, sampling, seeds=None, thinking=None):
+            time.sleep(0.4)
+            return super().generate(prompts, sampling, seeds, thinking)
+
+    run_evaluation({"seeded": Slow()}, settings(), Path(sys.argv[1]))
+""")
+
+
+def test_killed_evaluation_resumes_without_redoing_samples(tmp_path: Path) -> None:
+    clean = run_evaluation({"seeded": SeededBackend()}, settings(), tmp_path / "clean")
+    clean_log = records(log_path(tmp_path / "clean", "seeded", BENCH))
+
+    out = tmp_path / "killed"
+    log = log_path(out, "seeded", BENCH)
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    root = str(Path(__file__).resolve().parents[2])
+    process = subprocess.Popen([sys.executable, str(script), str(out), "unused", root])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+            not log.is_file() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = len(records(log))
+    assert 2 <= finished_before < 4
+    with log.open("a") as handle:  # and a line torn by the kill
+        handle.write('{"id": "eval-0000')
+
+    resumer = SeededBackend()
+    (result,) = run_evaluation({"seeded": resumer}, settings(), out)
+    assert len(resumer.prompts) == 4 - finished_before
+    assert (result.resumed, result.generated, result.samples) == (finished_before,
+                                                                 4 - finished_before, 4)
+    resumed_log = records(log)
+    assert sorted(r["id"] for r in resumed_log) == sorted(r["id"] for r in clean_log)
+    by_id = {r["id"]: r["output"] for r in clean_log}
+    assert all(by_id[r["id"]] == r["output"] for r in resumed_log)
+    assert result.correct == clean[0].correct
+
+
+def test_failed_generations_are_retried_on_resume(tmp_path: Path) -> None:
+    first_prompt = json.loads(ITEMS.read_text().splitlines()[0])["prompt"]
+    flaky = SeededBackend(fail_ids=[first_prompt])
+    (result,) = run_evaluation({"seeded": flaky}, settings(), tmp_path)
+    assert result.errors == 1 and len(flaky.prompts) == 4
+    healthy = SeededBackend()
+    (result,) = run_evaluation({"seeded": healthy}, settings(), tmp_path)
+    assert healthy.prompts == [first_prompt] and result.errors == 0
+
+
+def test_a_log_from_other_settings_is_set_aside(tmp_path: Path) -> None:
+    run_evaluation({"seeded": SeededBackend()}, settings(), tmp_path)
+    again = SeededBackend()
+    run_evaluation({"seeded": again}, settings(thinking=False), tmp_path)
+    assert len(again.prompts) == 4 and set(again.thinking) == {False}
+    assert log_path(tmp_path, "seeded", BENCH).with_suffix(".jsonl.stale").is_file()
+
+
+def test_per_sample_log_fields(tmp_path: Path) -> None:
+    run_evaluation({"seeded": SeededBackend()}, settings(), tmp_path)
+    first = records(log_path(tmp_path, "seeded", BENCH))[0]
+    assert first["messages"][0]["role"] == "user"
+    assert first["output"].startswith("<think>hmm</think>")
+    assert first["extracted"] in "ABCD" and isinstance(first["correct"], bool)
+    assert first["detail"].startswith("gold ") and first["error"] is None
+
+
+def test_reports(tmp_path: Path) -> None:
+    results = run_evaluation({"ar": SeededBackend(), "isd": SeededBackend()},
+                             settings(), tmp_path)
+    paths = write_reports(results, tmp_path)
+    summary = json.loads(paths["scores.json"].read_text())
+    assert set(summary["scores"]) == {"ar", "isd"}
+    assert summary["scores"]["ar"][BENCH] == pytest.approx(results[0].score, abs=0.01)
+    table = paths["scores.md"].read_text()
+    assert table.splitlines()[0] == "| benchmark | n | ar | isd |"
+    assert table.splitlines()[2].startswith("| tiny multiple choice | 4 | ")
+    assert paths["scores.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert scores_table(results) == table

@@ -41,19 +41,21 @@ def tmpfs(target, size_mb, mode):
 
 def build_jail(spec):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # Hold what must stay reachable (the interpreter, maybe a venv under /tmp) by O_PATH
+    # descriptors before tmpfs covers its folder, then bind it back read-only from them.
+    keep = [(hidden, path, os.open(path, os.O_PATH)) for hidden, path in spec["hidden"]]
     for folder in WRITABLE_FOLDERS:
         if os.path.isdir(folder):
             tmpfs(folder, spec["tmpfs_mb"], "1777")
-    # Bind what must stay reachable before its unreadable ancestor is covered.
-    for index, (hidden, keep) in enumerate(spec["hidden"]):
-        stage = f"/tmp/.keep{index}"
-        os.mkdir(stage)
-        mount(keep, stage, None, MS_BIND | MS_REC)
-        tmpfs(hidden, 1, "755")
-        os.makedirs(keep, mode=0o755, exist_ok=True)
-        mount(stage, keep, None, MS_MOVE)
-        mount(None, keep, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-        os.rmdir(stage)
+    covered = set(WRITABLE_FOLDERS)
+    for hidden, path, descriptor in keep:
+        if hidden not in covered:
+            tmpfs(hidden, 1, "755")
+            covered.add(hidden)
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{descriptor}", path, None, MS_BIND | MS_REC)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        os.close(descriptor)
     os.mkdir(WORK_DIR, 0o700)
     return WORK_DIR
 

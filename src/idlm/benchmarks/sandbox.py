@@ -97,13 +97,17 @@ def check_allowed(settings: SandboxSettings) -> bool:
         "evaluate.sandbox.allow_unsandboxed: true to run candidates with rlimits only (UNSAFE)")
 
 
+WRITABLE_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # as in the launcher
+
+
 def _hidden_interpreter_paths() -> list[tuple[str, str]]:
     """(unreadable ancestor, interpreter prefix under it) pairs to bind back in the jail."""
     pairs: list[tuple[str, str]] = []
     for prefix in dict.fromkeys((sys.base_prefix, sys.prefix)):
         path = Path(prefix).resolve()
         for ancestor in reversed(path.parents):
-            if not os.stat(ancestor).st_mode & 0o001:
+            # Covered by the jail: unreadable to the sandbox uid, or replaced by tmpfs.
+            if str(ancestor) in WRITABLE_FOLDERS or not os.stat(ancestor).st_mode & 0o001:
                 pairs.append((str(ancestor), str(path)))
                 break
     return pairs

@@ -1,0 +1,250 @@
+"""Decoding throughput: engine AR vs ISD vs R-ISD at batch 1, 4, 16 and 64, and the engine's
+AR vs transformers ``generate``, side by side in one run. Prints JSON, writes a PNG.
+
+    python bench/decode.py                      # outputs/{ic/model,base/model,lora/adapter}
+    python bench/decode.py --random-tiny        # random tiny-profile models, no training needed
+
+Systems: ``hf_generate`` (base, batched, left-padded), ``ar`` (engine, base), ``isd``
+(engine, IC model, stride N) and ``risd`` (engine, base + gated adapter). Every system
+decodes the same prompts with the same budget and stop ids; each (system, batch) cell is
+timed ``--repeats`` times after a warm-up, interleaved, and the fastest run is kept (the
+machine may be shared). Tokens/s counts generated tokens (stop token included) per second
+of wall time over the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("hf_generate", "ar", "isd", "risd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="outputs/ic/model", help="IC model (ISD)")
+    parser.add_argument("--base", default="outputs/base/model", help="base model (AR, R-ISD)")
+    parser.add_argument("--adapter", default="outputs/lora/adapter", help="gated LoRA (R-ISD)")
+    parser.add_argument("--prompts", default="outputs/prepare/eval_items.jsonl",
+                        help="JSONL rows with 'prompt' (text, chat-templated) or 'prompt_ids'; "
+                             "random token prompts if absent")
+    parser.add_argument("--random-tiny", action="store_true",
+                        help="bench random tiny-profile models (acceptance ~0: TPF ~1)")
+    parser.add_argument("--mask-token-id", type=int, default=None,
+                        help="only for model folders without a tokenizer")
+    parser.add_argument("--batch-sizes", default="1,4,16,64")
+    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--plot", default="outputs/bench/decode.png")
+    return parser.parse_args(argv)
+
+
+def resolve(path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else REPO / candidate
+
+
+def load_systems(args: argparse.Namespace, folders: dict[str, Path], mask: int | None
+                 ) -> dict[str, Any]:
+    from idlm.decoding.loading import load_engine
+
+    engines = {"ar": load_engine(folders["base"], mode="ar", mask_token_id=mask),
+               "isd": load_engine(folders["model"], mode="isd", mask_token_id=mask),
+               "risd": load_engine(folders["base"], folders["adapter"], mode="risd",
+                                   mask_token_id=mask)}
+    return engines
+
+
+def make_prompts(args: argparse.Namespace, engine: Any, count: int) -> list[list[int]]:
+    """Chat-templated eval prompts when there is a tokenizer and a prompt file, else random."""
+    import torch
+
+    path = resolve(args.prompts)
+    if path.is_file() and not args.random_tiny:
+        from idlm.generate_cli import encode_prompt
+
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows and all("prompt_ids" in row for row in rows):
+            return [list(row["prompt_ids"]) for row in rows][:count]
+        if engine.tokenizer is not None:
+            return [encode_prompt(engine.tokenizer, row["prompt"], True) for row in rows][:count]
+    generator = torch.Generator().manual_seed(0)
+    specials = {engine.mask_token_id, engine.pad_token_id, *engine.stop_token_ids}
+    low = max(specials) + 1 if max(specials) < 64 else 0
+    prompts = []
+    for _ in range(count):
+        length = int(torch.randint(24, 41, (1,), generator=generator))
+        ids = torch.randint(low, engine.vocab_size, (length,), generator=generator).tolist()
+        prompts.append([t for t in ids if t not in specials] or [low])
+    return prompts
+
+
+def run_engine(engine: Any, prompts: list[list[int]], mode: str, stride: int,
+               max_new_tokens: int) -> dict[str, Any]:
+    from idlm.decoding import GenerationRequest, SamplingParams, aggregate
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    requests = [GenerationRequest(p, mode, stride if mode == "isd" else 1, sampling)
+                for p in prompts]
+    before = engine.forwards_run
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    seconds = time.perf_counter() - started
+    summary = aggregate(r.stats for r in results)
+    return {"seconds": seconds, "tokens": summary["tokens"],
+            "batch_forwards": engine.forwards_run - before,
+            "tokens_per_forward": summary["tokens_per_forward"],
+            "acceptance": summary["acceptance"]}
+
+
+def run_transformers(engine: Any, prompts: list[list[int]], max_new_tokens: int
+                     ) -> dict[str, Any]:
+    """Batched ``generate`` on the base model, left-padded, same budget and stop ids."""
+    import torch
+
+    width = max(map(len, prompts))
+    pad = engine.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=ids, attention_mask=attention, do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                    eos_token_id=engine.stop_token_ids or None,
+                                    top_k=None, top_p=None, temperature=None)
+    seconds = time.perf_counter() - started
+    tokens = 0
+    for row in out[:, width:].tolist():
+        stops = [i for i, t in enumerate(row) if t in engine.stop_token_ids]
+        tokens += stops[0] + 1 if stops else len(row)
+    steps = out.shape[1] - width
+    return {"seconds": seconds, "tokens": tokens, "batch_forwards": steps,
+            "tokens_per_forward": tokens / max(1, steps * len(prompts)), "acceptance": []}
+
+
+def measure(engines: dict[str, Any], prompts: list[list[int]], args: argparse.Namespace
+            ) -> dict[str, dict[str, Any]]:
+    """Best of ``repeats`` interleaved runs per system for one batch."""
+    runners = {
+        "hf_generate": lambda: run_transformers(engines["ar"], prompts, args.max_new_tokens),
+        "ar": lambda: run_engine(engines["ar"], prompts, "ar", 1, args.max_new_tokens),
+        "isd": lambda: run_engine(engines["isd"], prompts, "isd", args.stride,
+                                  args.max_new_tokens),
+        "risd": lambda: run_engine(engines["risd"], prompts, "isd", args.stride,
+                                   args.max_new_tokens),
+    }
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(args.repeats):
+        for name in SYSTEMS:
+            run = runners[name]()
+            if name not in best or run["seconds"] < best[name]["seconds"]:
+                best[name] = run
+    for run in best.values():
+        run["tokens_per_second"] = run["tokens"] / run["seconds"]
+        run["ms_per_batch_forward"] = 1e3 * run["seconds"] / max(1, run["batch_forwards"])
+    return best
+
+
+def random_tiny_folders(root: Path) -> tuple[dict[str, Path], int]:
+    """Random tiny-profile base (= IC) model and a gated adapter with non-zero B."""
+    import torch
+
+    from idlm.config import LoraSection, TinyArchitecture
+    from idlm.model.factory import build_tiny
+    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+
+    vocab, pad, eos, mask = 2048, 0, 2, 5
+    model = build_tiny(TinyArchitecture(), vocab, pad, eos, 1024, seed=0)
+    model.save_pretrained(root / "base")
+    model.save_pretrained(root / "ic")
+    lora = LoraSection()
+    adapter = attach_gated_lora(build_tiny(TinyArchitecture(), vocab, pad, eos, 1024, seed=0),
+                                mask, lora.rank, lora.alpha, 0.0)
+    torch.manual_seed(1)
+    for name, parameter in adapter.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    save_gated_lora(adapter, root / "adapter", base_fingerprint(adapter))
+    return {"model": root / "ic", "base": root / "base", "adapter": root / "adapter"}, mask
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int(b) for b in report["results"]]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in SYSTEMS:
+        axis.plot(sizes, [report["results"][str(b)][name]["tokens_per_second"] for b in sizes],
+                  marker="o", label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(b) for b in sizes])
+    axis.set(xlabel="batch (concurrent requests)", ylabel="generated tokens / s",
+             title=f"decoding throughput ({report['models']}, N={report['stride']})")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    folders = {"model": resolve(args.model), "base": resolve(args.base),
+               "adapter": resolve(args.adapter)}
+    missing = [f"{name} {path}" for name, path in folders.items() if not path.exists()]
+    if missing and not args.random_tiny:
+        print(f"error: not found: {', '.join(missing)}; run `dvc repro ic lora` first "
+              "(or pass --random-tiny)", file=sys.stderr)
+        return 2
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Libraries print notices on stdout while loading; keep stdout for the JSON alone.
+    from idlm.decoding import DecodingError
+
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
+        mask = args.mask_token_id
+        if args.random_tiny:
+            folders, mask = random_tiny_folders(Path(scratch))
+        try:
+            engines = load_systems(args, folders, mask)
+        except DecodingError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        prompts = make_prompts(args, engines["ar"], max(sizes))
+        measure(engines, prompts[:1], argparse.Namespace(**{**vars(args), "repeats": 1}))
+        results = {str(b): measure(engines, (prompts * b)[:b], args) for b in sizes}
+    report = {"models": "random tiny" if args.random_tiny else str(folders["model"]),
+              "stride": args.stride, "max_new_tokens": args.max_new_tokens,
+              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "results": results, "ratios": ratios(results)}
+    plot(report, resolve(args.plot))
+    report["plot"] = str(resolve(args.plot))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    def ratio(top: str, bottom: str) -> dict[str, float]:
+        return {b: round(r[top]["tokens_per_second"] / r[bottom]["tokens_per_second"], 3)
+                for b, r in results.items()}
+
+    return {"isd_over_ar": ratio("isd", "ar"), "risd_over_ar": ratio("risd", "ar"),
+            "ar_over_hf_generate": ratio("ar", "hf_generate")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

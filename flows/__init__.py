@@ -1,0 +1,1 @@
+"""Prefect flows (see flows/idlm_full.py)."""

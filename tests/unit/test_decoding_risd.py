@@ -120,3 +120,15 @@ def test_acceptance_sweep_and_introspection(pair, use_adapter: bool) -> None:
     assert len(introspection["per_position"]) == 3 and all(introspection["positions_scored"])
     if not use_adapter:   # the IC-trained model agrees with itself most of the time
         assert introspection["mean"] > 0.7
+
+
+def test_verify_all_gates_on_the_lossless_and_exactness_checks(pair) -> None:
+    from idlm.decoding.verify import verify_all
+
+    base, risd = pair
+    report = verify_all(base, base, risd, pattern_prompts(4, seed=97), MASK_ID, strides=(2,),
+                        max_new_tokens=8, stop_token_ids=[], exactness_prompts=1, samples=300,
+                        continuation=3)
+    assert report["passed"] and report["failed_checks"] == []
+    assert not report["exactness_isd_argmax_proposal"]["exact_by_construction"]
+    assert set(report["acceptance_risd"]["strides"]) == {"2"}

@@ -80,10 +80,11 @@ class DecodeBatch:
         return all(p.greedy for p in self.params)
 
     @property
-    def filters(self) -> tuple[bool, bool]:
-        """Whether any sampled row uses top-k / top-p (else the sort is skipped)."""
+    def filters(self) -> tuple[bool, bool, bool]:
+        """Whether any sampled row uses top-k / top-p, and whether any row is greedy."""
         sampled = [p for p in self.params if not p.greedy]
-        return any(p.top_k > 0 for p in sampled), any(p.top_p < 1 for p in sampled)
+        return (any(p.top_k > 0 for p in sampled), any(p.top_p < 1 for p in sampled),
+                len(sampled) < len(self.params))
 
     def draft_probs_or_one_hot(self) -> torch.Tensor:
         """q of the current drafts; greedy drafts were argmax picks, i.e. one-hot q."""

@@ -201,9 +201,8 @@ class DecodingEngine:
         if batch.all_greedy:
             token = logits[:, 0].argmax(-1)
         else:
-            filter_top_k, filter_top_p = batch.filters
             probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p,
-                               filter_top_k, filter_top_p)
+                               *batch.filters)
             uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(0, logits.device))
             token = sample_from(probs[:, 0], uniforms[:, 0])
         active = ~batch.finished
@@ -245,9 +244,7 @@ class DecodingEngine:
         anchor_logits, mask_logits = logits[:, :width_drafts + 1], logits[:, width_drafts + 1:]
         if batch.all_greedy:
             return verify_greedy(anchor_logits, mask_logits, batch.drafts, num_checked)
-        filter_top_k, filter_top_p = batch.filters
-        probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p,
-                           filter_top_k, filter_top_p)
+        probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p, *batch.filters)
         uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(width_drafts,
                                                                             logits.device))
         return verify_sampled(

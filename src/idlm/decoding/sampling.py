@@ -61,12 +61,12 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def warp_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-               top_p: torch.Tensor, filter_top_k: bool = True, filter_top_p: bool = True
-               ) -> torch.Tensor:
+               top_p: torch.Tensor, filter_top_k: bool = True, filter_top_p: bool = True,
+               greedy_rows: bool = True) -> torch.Tensor:
     """Per-row temperature, top-k, top-p: [rows, positions, V] logits -> probabilities.
 
-    Rows with temperature 0 become one-hot on the argmax (greedy). ``filter_*`` let the
-    caller skip the sort when no row in the batch asks for it (decided once per batch).
+    Rows with temperature 0 become one-hot on the argmax (greedy). ``filter_*`` and
+    ``greedy_rows`` let the caller skip work no row in the batch needs (known per batch).
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -74,6 +74,8 @@ def warp_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     if filter_top_k or filter_top_p:
         scaled = _filter_top_k_top_p(scaled, top_k, top_p)
     probs = torch.softmax(scaled, dim=-1)
+    if not greedy_rows:
+        return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None, None], one_hot, probs)
 

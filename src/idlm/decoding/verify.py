@@ -224,3 +224,36 @@ def acceptance_sweep(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                 model, sequences, prompt_lengths, stride, mask_token_id,
                 engine.pad_token_id)}
     return report
+
+
+def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
+               risd_model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+               mask_token_id: int, *, stride: int = 4, strides: Sequence[int] = (2, 3, 4),
+               max_new_tokens: int = 64, stop_token_ids: Sequence[int] | None = None,
+               exactness_prompts: int = 4, samples: int = 2000, continuation: int = 4,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               significance: float = 0.01, max_batch_size: int = 64) -> dict[str, Any]:
+    """Every check of the ``verify`` stage; ``passed`` gates (argmax proposals only inform)."""
+    common = {"max_new_tokens": max_new_tokens, "stop_token_ids": stop_token_ids,
+              "max_batch_size": max_batch_size}
+    law = {"stride": stride, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+           "samples": samples, "continuation": continuation, "significance": significance,
+           "max_batch_size": max_batch_size}
+    few = prompts[:exactness_prompts]
+    report = {
+        "lossless_risd": lossless_check(base_model, risd_model, prompts, mask_token_id,
+                                        stride, **common),
+        "lossless_isd": lossless_check(ic_model, ic_model, prompts, mask_token_id, stride,
+                                       **common),
+        "exactness_isd": exactness_check(ic_model, few, mask_token_id, **law),
+        "exactness_risd": exactness_check(risd_model, few, mask_token_id, **law),
+        "exactness_isd_argmax_proposal": exactness_check(ic_model, few, mask_token_id,
+                                                         proposal="argmax", **law),
+        "acceptance_isd": acceptance_sweep(ic_model, prompts, mask_token_id, strides, **common),
+        "acceptance_risd": acceptance_sweep(risd_model, prompts, mask_token_id, strides,
+                                            **common),
+    }
+    gating = ("lossless_risd", "lossless_isd", "exactness_isd", "exactness_risd")
+    report["failed_checks"] = [name for name in gating if not report[name]["passed"]]
+    report["passed"] = not report["failed_checks"]
+    return report

@@ -10,9 +10,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
+PROFILE ?= tiny
 pipeline: setup
-	idlm config check
-	dvc repro
+	python flows/idlm_full.py --profile $(PROFILE)
 
 test: setup
 	python -m pytest -q

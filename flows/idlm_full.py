@@ -152,11 +152,22 @@ def _warm_imports() -> None:
     import idlm.tracking  # noqa: F401
 
 
+def _start_warm_imports() -> None:
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url is None:
+        # Ephemeral mode imports the whole Prefect server module in this process first;
+        # doing it before the warm-up thread starts keeps the two from contending for the
+        # GIL, so the warm-up runs while the server process boots instead.
+        import prefect.server.api.server  # noqa: F401
+    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # No network: the ephemeral server must not try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
+    _start_warm_imports()
     try:
         result = idlm_full(profile=args.profile, only=args.only, from_stage=args.from_stage,
                            overrides=args.overrides, retries=args.retries,

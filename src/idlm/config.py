@@ -188,6 +188,16 @@ class LoraSection(Section):
     train: Optimisation = Optimisation(lr=2e-3, steps=300)
 
 
+# ---------------------------------------------------------------- flow
+class FlowConfig(Section):
+    """How the Prefect flow `idlm-full` runs stages (no stage tracks these keys)."""
+
+    retries: Annotated[int, Field(ge=0)] = 0
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
+    stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
+    artifact_max_bytes: Annotated[int, Field(ge=0)] = 256 << 10
+
+
 # ---------------------------------------------------------------- root
 class Config(Section):
     profile: str = "tiny"
@@ -201,6 +211,7 @@ class Config(Section):
     base: BaseConfig = BaseConfig()
     ic: ICConfig = ICConfig()
     lora: LoraSection = LoraSection()
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _base_needs_training(self) -> Config:

@@ -1,0 +1,273 @@
+"""The Prefect flow `idlm-full` end to end on a very small tiny config in a fresh workspace.
+
+One workspace and one Prefect test server for the module; three flow runs in order:
+1. an override makes `base` fail at run time -> flow, its MLflow child and parent FAILED
+   with the error text, nothing downstream ran, `prepare`'s outputs intact;
+2. the override removed -> `prepare` is skipped (DVC), the rest run; MLflow holds a
+   parent and one child per stage with params, curves and artifacts; `dvc status` clean;
+3. no parameters -> a rerun executes no stage.
+   This one goes through the README command (ephemeral Prefect, no server started by
+   hand), which ends with the summary table and leaves no server behind.
+Then: a second run while one holds the workspace is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+
+from flows.idlm_full import idlm_full
+from idlm import tracking
+from idlm.orchestration.lock import WorkspaceBusy, holder_info, workspace_lock
+from idlm.orchestration.run import PipelineFailed
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["prepare", "base", "ic", "lora"]
+# As small as the stages go: seconds of compute each; the rest is process start-up.
+FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
+        "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
+        "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
+        "model.tiny.num_hidden_layers=2", "base.train.steps=6", "base.train.log_every=2",
+        "base.train.checkpoint_every=3", "base.train.micro_batch_size=8",
+        *[f"ic.phases.{i}.train.{key}" for i in range(3) for key in
+          ("steps=1", "log_every=1", "checkpoint_every=1", "micro_batch_size=8")],
+        "lora.rank=4", "lora.train.steps=2", "lora.train.log_every=1",
+        "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8"]
+BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
+
+
+def _git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flow-workspace")
+    for name in ("dvc.yaml", "configs", "stages", "src"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    # Valid for the config schema, rejected by DeepSpeed when the stage starts training.
+    (root / "configs/deepspeed/broken.json").write_text('{"zero_optimization": {"stage": 7}}')
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "workspace")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Any:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def _readme_command(workspace: Path, prefect_home: Path, *args: str) -> tuple[Any, dict]:
+    """`python flows/idlm_full.py` as the README runs it: no Prefect server configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    summary = prefect_home / "summary.json"
+    done = subprocess.run([sys.executable, str(REPO / "flows/idlm_full.py"), "--json",
+                           str(summary), *args], cwd=workspace, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done, json.loads(summary.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(workspace: Path, prefect_api: Any,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with pytest.raises(PipelineFailed) as failed:
+        idlm_full(profile="tiny", overrides=[*FAST, BROKEN], workspace=str(workspace))
+    out["failed"] = failed.value
+    out["after_failure"] = {"lock": (workspace / "dvc.lock").read_text(),
+                            "outputs": sorted(p.name for p in (workspace / "outputs").iterdir())}
+    out["fixed"] = idlm_full(profile="tiny", overrides=FAST, workspace=str(workspace))
+    out["lock_after_fixed"] = (workspace / "dvc.lock").read_bytes()
+    out["prefect_home"] = tmp_path_factory.mktemp("prefect-home")
+    out["cli"], out["again"] = _readme_command(workspace, out["prefect_home"])
+    return out
+
+
+def _client(workspace: Path) -> Any:
+    return tracking.open_tracker(workspace, rank=0).client
+
+
+def _family(workspace: Path, parent_id: str) -> tuple[Any, dict[str, Any]]:
+    client = _client(workspace)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return parent, {child.info.run_name: child for child in children}
+
+
+def _parent_of_failed_run(workspace: Path) -> str:
+    client = _client(workspace)
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    failed = client.search_runs([experiment.experiment_id],
+                                "attributes.status = 'FAILED' and tags.profile = 'tiny'")
+    (parent,) = [r for r in failed if "mlflow.parentRunId" not in r.data.tags]
+    return parent.info.run_id
+
+
+def _flow_run(flow_run_id: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(flow_run_id))
+
+
+def test_a_failing_stage_fails_the_run_and_stops_what_is_downstream(
+        runs: dict[str, Any], workspace: Path) -> None:
+    error = runs["failed"]
+    assert "base" in str(error) and "DeepSpeedZeroConfig" not in str(error)
+    assert ["base", "failed"] in [line.split()[:2] for line in error.summary.splitlines()]
+    parent, children = _family(workspace, _parent_of_failed_run(workspace))
+    assert parent.info.status == "FAILED" and "ValidationError" in parent.data.tags["error"]
+    assert set(children) == {"prepare", "base"}  # ic and lora never started
+    assert children["prepare"].info.status == "FINISHED"
+    base = children["base"]
+    assert base.info.status == "FAILED" and base.data.tags["dvc.status"] == "failed"
+    assert "DeepSpeedZeroConfig" in base.data.tags["error"]
+    assert _flow_run(parent.data.tags["prefect.flow_run_id"]).state.is_failed()
+    # Upstream outputs intact and recorded; nothing of the failed stage was locked.
+    assert "prepare:" in runs["after_failure"]["lock"]
+    assert "base:" not in runs["after_failure"]["lock"]
+    assert "prepare" in runs["after_failure"]["outputs"]
+
+
+def test_after_the_fix_finished_stages_are_skipped_and_the_rest_run(
+        runs: dict[str, Any], workspace: Path) -> None:
+    fixed = runs["fixed"]
+    assert fixed["state"] == "COMPLETED"
+    assert [(s["stage"], s["status"]) for s in fixed["stages"]] == [
+        ("prepare", "skipped"), ("base", "ran"), ("ic", "ran"), ("lora", "ran")]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=workspace,
+                            capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_mlflow_holds_a_parent_and_a_child_per_stage(runs: dict[str, Any], workspace: Path,
+                                                     tmp_path: Path) -> None:
+    fixed = runs["fixed"]
+    parent, children = _family(workspace, fixed["parent_run_id"])
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and tags["profile"] == "tiny"
+    assert tags["prefect.flow_run_id"] == fixed["flow_run_id"]
+    assert tags["git.commit"] == _git(workspace, "rev-parse", "HEAD")
+    assert tags["dvc.lock_sha256"] == hashlib.sha256(runs["lock_after_fixed"]).hexdigest()
+    assert list(json.loads(parent.data.params["overrides"])) == FAST
+    assert set(children) == set(STAGES)
+    prepare, base, ic = children["prepare"], children["base"], children["ic"]
+    assert prepare.data.tags["skipped"] == "true"  # skipped, yet holds its cached metrics
+    assert prepare.data.metrics["train.rows"] == 300
+    assert base.data.tags["skipped"] == "false" and base.data.params["base.train.steps"] == "6"
+    assert base.data.params["model.tiny.hidden_size"] == "64" and "lora.rank" not in \
+        base.data.params
+    client = _client(workspace)
+    curve = client.get_metric_history(base.info.run_id, "history/loss")
+    assert [m.step for m in curve] == [2, 4, 6]
+    assert {m.key for m in client.get_metric_history(ic.info.run_id,
+                                                     "history/phase2-N4/mask_ce")}
+    artifacts = {a.path for a in client.list_artifacts(base.info.run_id)} | {
+        a.path for folder in ("metrics", "plots", "outputs")
+        for a in client.list_artifacts(base.info.run_id, folder)}
+    assert {"metrics/metrics.json", "plots/loss.png", "plots/history.json",
+            "outputs/base.json", "stage.log", "dvc_outputs.json"} <= artifacts
+    assert "outputs/model" not in artifacts  # weights are referenced, not copied
+    refs = json.loads(Path(client.download_artifacts(base.info.run_id, "dvc_outputs.json",
+                                                     str(tmp_path))).read_text())
+    model = next(r for r in refs if r["path"] == "outputs/base/model")
+    assert model["md5"] in runs["lock_after_fixed"].decode() and not model["artifact"]
+    assert base.data.tags["dvc.out.outputs/base/model"] == model["md5"]
+
+
+def test_tasks_are_named_after_stages_and_progress_reaches_the_prefect_log(
+        runs: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    flow_run_id = UUID(runs["fixed"]["flow_run_id"])
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert sorted(t.name for t in tasks) == sorted(STAGES)
+    messages = [log.message for log in logs]
+    assert "Running stage 'base':" in messages
+    assert any(m.startswith("[base] step 2/6") for m in messages)  # the stage's own progress
+
+
+def test_a_rerun_executes_no_stage(runs: dict[str, Any], workspace: Path) -> None:
+    again = runs["again"]
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * 4
+    assert (workspace / "dvc.lock").read_bytes() == runs["lock_after_fixed"]
+    _, children = _family(workspace, again["parent_run_id"])
+    assert {c.data.tags["skipped"] for c in children.values()} == {"true"}
+    assert children["lora"].data.metrics["mask_ce"] == _family(
+        workspace, runs["fixed"]["parent_run_id"])[1]["lora"].data.metrics["mask_ce"]
+
+
+def test_a_second_run_in_the_same_workspace_is_refused(runs: dict[str, Any],
+                                                       workspace: Path) -> None:
+    before = (workspace / "params.yaml").read_bytes()
+    with workspace_lock(workspace, holder_info("0000-run", "first-run")):
+        with pytest.raises(WorkspaceBusy, match="first-run.*is still running"):
+            idlm_full(profile="tiny", workspace=str(workspace))
+    assert (workspace / "params.yaml").read_bytes() == before
+
+
+def _servers_for(prefect_home: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "prefect.server.api.server:create_app" in " ".join(
+                    process.info["cmdline"] or []) and process.environ().get(
+                    "PREFECT_HOME") == str(prefect_home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_the_readme_command_needs_no_server_and_ends_with_the_summary(
+        runs: dict[str, Any], workspace: Path) -> None:
+    lines = runs["cli"].stdout.strip().splitlines()
+    tail = lines[max(i for i, line in enumerate(lines) if line.startswith("idlm-full ")):]
+    assert len(tail) == 12  # headline, table, where to look: the output ends there
+    assert tail[0].startswith("idlm-full COMPLETED: flow run '") and "(4 skipped)" in tail[0]
+    assert tail[3].split()[:2] == ["prepare", "skipped"] and "rows_read=" in tail[3]
+    assert tail[6].split()[:2] == ["lora", "skipped"] and "mask_ce=" in tail[6]
+    db = (workspace / "mlflow.db").resolve()
+    assert tail[-3].strip() == (f"MLflow   mlflow ui --backend-store-uri sqlite:///{db}   "
+                                f"(parent run {runs['again']['parent_run_id']})")
+    assert _servers_for(runs["prefect_home"]) == []  # the ephemeral server is gone

@@ -10,11 +10,13 @@ sets the gate itself, from the window layout: on at the MASK slots it placed, of
 everywhere else. That is the token rule ``input_ids == MASK`` whenever the context holds
 no MASK id, and stays lossless when it does (a random base can emit the MASK id as an
 ordinary token; AR would treat it as one, so R-ISD must too).
+
+Scheduling (admission, streaming, retirement) lives in ``scheduler.EngineSession``:
+``generate`` runs one session per call, a server keeps one open (``open_session``).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -39,6 +41,7 @@ from idlm.decoding.sampling import (
     sample_from,
     warp_probs,
 )
+from idlm.decoding.scheduler import EngineSession, serving_shape
 from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
 
 # Capacity reserved up front beyond the prompt; the cache grows by doubling after that.
@@ -86,7 +89,6 @@ class DecodingEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode every request; invalid ones get an error result, the rest are unaffected."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        self._ended_by_stop_string: set[int] = set()
         valid = []
         for index, request in enumerate(requests):
             error = request_error(request, self.context_length, self.vocab_size,
@@ -100,20 +102,25 @@ class DecodingEngine:
             self._run(requests, valid, results)
         return [result for result in results if result is not None]
 
+    def open_session(self, *, max_stride: int, max_new_tokens: int | None = None
+                     ) -> EngineSession:
+        """A continuous-batching session of fixed shape (a server's: one engine thread).
+
+        ``max_stride`` 1 admits AR only; ``max_new_tokens`` defaults to the context length.
+        """
+        cap = self.context_length if max_new_tokens is None else max_new_tokens
+        return EngineSession(self, serving_shape(self, max_stride, cap))
+
     # ------------------------------------------------------------------ scheduling
     def _run(self, requests: Sequence[GenerationRequest], valid: list[int],
              results: list[GenerationResult | None]) -> None:
-        shape = self._call_shape([requests[i] for i in valid])
-        queue, batch = deque(valid), None
-        while queue or batch is not None:
-            free = self.max_batch_size - (batch.rows if batch else 0)
-            if queue and free > 0:
-                admitted = [queue.popleft() for _ in range(min(free, len(queue)))]
-                fresh = self._prefill(requests, admitted, shape)
-                batch = fresh if batch is None else batch.concat(fresh)
-            else:
-                self._step(batch, shape)
-            batch = self._retire(batch, requests, results, bool(queue))
+        """One session shaped for this call; results come back as rows finish."""
+        session = EngineSession(self, self._call_shape([requests[i] for i in valid]))
+        handles = {session.submit(requests[index]): index for index in valid}
+        while not session.idle:
+            for result in session.step().finished:
+                result.index = handles[result.index]
+                results[result.index] = result
 
     def _call_shape(self, requests: list[GenerationRequest]) -> CallShape:
         stops = [len(r.sampling.stop_token_ids) if r.sampling.stop_token_ids is not None
@@ -126,65 +133,45 @@ class DecodingEngine:
     def _budget(self, request: GenerationRequest) -> int:
         return min(request.sampling.max_new_tokens, self.context_length - len(request.prompt_ids))
 
-    def _prefill(self, requests: Sequence[GenerationRequest], admitted: list[int],
-                 shape: CallShape) -> DecodeBatch:
+    def _prefill(self, chosen: list[GenerationRequest], handles: list[int], shape: CallShape,
+                 stop_string_ends: set[int]) -> DecodeBatch:
         """Prompt + first cold start in one forward (the prompt is never run again)."""
-        chosen = [requests[i] for i in admitted]
         prompts = [list(r.prompt_ids) for r in chosen]
         budgets = [self._budget(r) for r in chosen]
         capacity = (max(map(len, prompts)) + 2 * shape.width_drafts + 1
                     + min(max(budgets), INITIAL_GENERATION_CAPACITY))
         cache = RaggedKVCache.for_model(self.config, len(chosen), capacity, self.cache_dtype,
                                         self.device)
-        batch = new_batch(chosen, admitted, budgets, self.stop_token_ids, shape, cache)
+        batch = new_batch(chosen, handles, budgets, self.stop_token_ids, shape, cache)
         window = book.prefill_window(prompts, [r.num_drafts for r in chosen],
                                      shape.width_drafts, self.mask_token_id, self.pad_token_id,
                                      self.device)
-        self._advance(batch, window, shape)
+        self._advance(batch, window, shape, stop_string_ends)
         return batch
 
-    def _step(self, batch: DecodeBatch, shape: CallShape) -> None:
+    def _step(self, batch: DecodeBatch, shape: CallShape, stop_string_ends: set[int]) -> None:
+        """One decode step of the running batch (``stop_string_ends`` collects the handles
+        that a stop string ended)."""
         if shape.width_drafts == 0:
-            self._step_ar(batch)
+            self._step_ar(batch, stop_string_ends)
             return
         window = book.step_window(batch.pending, batch.drafts, batch.has_drafts,
                                   batch.num_drafts, batch.lengths, self.mask_token_id,
                                   self.pad_token_id, batch.max_checked)
-        self._advance(batch, window, shape)
-
-    def _retire(self, batch: DecodeBatch | None, requests: Sequence[GenerationRequest],
-                results: list[GenerationResult | None], waiting: bool) -> DecodeBatch | None:
-        """Hand finished rows their results and drop them, when dropping pays off.
-
-        Dropping copies the cache once; keeping a dead row costs a share of every step.
-        So rows leave when an eighth of the batch is done, or someone is waiting for a slot.
-        """
-        if batch is None or batch.finished_count == 0:
-            return batch
-        if batch.finished_count < max(1, batch.rows // 8) and not waiting \
-                and batch.finished_count < batch.rows:
-            return batch
-        finished = batch.finished.tolist()
-        done = [row for row, flag in enumerate(finished) if flag]
-        for row in done:
-            index = batch.request_ids[row]
-            results[index] = self._result(batch, row, requests[index])
-        keep = [row for row, flag in enumerate(finished) if not flag]
-        if not keep:
-            return None
-        return batch.select(torch.as_tensor(keep, device=batch.lengths.device))
+        self._advance(batch, window, shape, stop_string_ends)
 
     # ------------------------------------------------------------------ one step
-    def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape) -> None:
+    def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape,
+                 stop_string_ends: set[int]) -> None:
         logits = self._forward(batch, window, shape.width_drafts)
         outcome = self._verify(batch, logits, window.num_checked, shape.width_drafts)
         written_before = batch.written.clone() if self._has_stop_strings(batch) else None
         self._commit(batch, window, outcome)
         if written_before is not None:
-            self._apply_stop_strings(batch, written_before)
+            self._apply_stop_strings(batch, written_before, stop_string_ends)
         batch.refresh_host()
 
-    def _step_ar(self, batch: DecodeBatch) -> None:
+    def _step_ar(self, batch: DecodeBatch, stop_string_ends: set[int]) -> None:
         """An all-AR batch: the same cache and rules with one query per row and fewer ops."""
         key_length = batch.max_length + 1
         self.forwards_run += 1
@@ -210,7 +197,7 @@ class DecodingEngine:
         book.commit_single(batch.tokens, batch.written, batch.budget, batch.stop_ids, token,
                            active, batch.stopped, batch.finished)
         if written_before is not None:
-            self._apply_stop_strings(batch, written_before)
+            self._apply_stop_strings(batch, written_before, stop_string_ends)
         batch.stats.forwards += active
         batch.lengths += active
         batch.pending = token
@@ -278,7 +265,8 @@ class DecodingEngine:
     def _has_stop_strings(self, batch: DecodeBatch) -> bool:
         return any(p.stop_strings for p in batch.params)
 
-    def _apply_stop_strings(self, batch: DecodeBatch, written_before: torch.Tensor) -> None:
+    def _apply_stop_strings(self, batch: DecodeBatch, written_before: torch.Tensor,
+                            stop_string_ends: set[int]) -> None:
         """Host-side text check, only for the rows that asked for stop strings."""
         rows = [row for row, p in enumerate(batch.params) if p.stop_strings]
         before, after = written_before.tolist(), batch.written.tolist()
@@ -295,12 +283,12 @@ class DecodingEngine:
                     batch.written[row] = end
                     batch.finished[row] = True
                     batch.stopped[row] = True
-                    self._ended_by_stop_string.add(batch.request_ids[row])
+                    stop_string_ends.add(batch.request_ids[row])
                     break
 
     # ------------------------------------------------------------------ results
-    def _result(self, batch: DecodeBatch, row: int, request: GenerationRequest
-                ) -> GenerationResult:
+    def _result(self, batch: DecodeBatch, row: int, request: GenerationRequest,
+                stop_string_ends: set[int]) -> GenerationResult:
         written = int(batch.written[row])
         token_ids = batch.tokens[row, :written].tolist()
         stats = self._empty_stats(request)
@@ -311,7 +299,7 @@ class DecodingEngine:
         stats.reject_rounds, stats.cold_start_rounds = rounds[REJECT], rounds[COLD_START]
         stats.tried = batch.stats.tried[row, :drafts].tolist()
         stats.accepted = batch.stats.accepted[row, :drafts].tolist()
-        if batch.request_ids[row] in self._ended_by_stop_string:
+        if batch.request_ids[row] in stop_string_ends:
             reason = "stop_string"
         else:
             reason = "stop" if bool(batch.stopped[row]) else "length"

@@ -43,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--file", default=None, help="default: params.yaml")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         sub.set_defaults(handler=handler)
-    from idlm import generate_cli, score_cli  # light: heavy imports happen in their handlers
+    from idlm import (  # light: heavy imports happen in their handlers
+        generate_cli,
+        score_cli,
+        serve_cli,
+    )
 
     generate_cli.add_parser(commands)
     score_cli.add_parser(commands)
+    serve_cli.add_parser(commands)
     return parser
 
 

@@ -57,9 +57,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def argument_error(args: argparse.Namespace) -> str | None:
-    """Problems visible from the arguments and the file system, before torch is imported."""
-    from idlm.decoding.requests import MAX_STRIDE
-
+    """Problems visible from the arguments and the file system, before torch is imported
+    (only a stride check needs the decoding package, and it comes last)."""
     model = Path(args.model)
     if not (model / "config.json").is_file():
         return (f"{model} is not a model folder (no config.json): train it first or point "
@@ -72,15 +71,20 @@ def argument_error(args: argparse.Namespace) -> str | None:
         return f"an adapter is only used in mode risd (got mode {args.mode})"
     if args.adapter is not None and not Path(args.adapter).is_dir():
         return f"adapter folder {args.adapter} does not exist"
-    if args.mode != "ar" and not 2 <= args.stride <= MAX_STRIDE:
-        return f"stride N={args.stride} is invalid for ISD: use 2 <= N <= {MAX_STRIDE}"
     checks = [(0 <= args.port <= 65535, f"port {args.port} is not in 0..65535"),
               (args.max_batch_size >= 1, f"--max-batch-size {args.max_batch_size} < 1"),
               (args.max_waiting >= 0, f"--max-waiting {args.max_waiting} < 0"),
               (args.max_new_tokens is None or args.max_new_tokens >= 1,
                f"--max-new-tokens {args.max_new_tokens} < 1"),
               (args.graceful_shutdown >= 0, "--graceful-shutdown must be >= 0")]
-    return next((message for ok, message in checks if not ok), None)
+    problem = next((message for ok, message in checks if not ok), None)
+    if problem is not None or args.mode == "ar":
+        return problem
+    from idlm.decoding.requests import MAX_STRIDE
+
+    if not 2 <= args.stride <= MAX_STRIDE:
+        return f"stride N={args.stride} is invalid for ISD: use 2 <= N <= {MAX_STRIDE}"
+    return None
 
 
 def handle_serve(args: argparse.Namespace) -> int:

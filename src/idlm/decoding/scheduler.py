@@ -121,6 +121,7 @@ class EngineSession:
             self._streaming[handle] = 0
         return handle
 
+    @torch.inference_mode()
     def cancel(self, handle: int) -> bool:
         """Drop a waiting or running request (no result will come). False if unknown/done."""
         if handle in self._waiting:

@@ -179,6 +179,20 @@ def test_completions_with_text_and_token_prompts(url, reference, stream: bool) -
         assert usage["completion_tokens"] == len(result.token_ids)
 
 
+def test_continuous_usage_counts_every_chunk_as_guidellm_asks(url, reference) -> None:
+    body = {"messages": [{"role": "user", "content": "what is 2 plus 2?"}], "stream": True,
+            "max_completion_tokens": 14, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as response:
+        chunks = sse(response)
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 14
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["decoding"]["tokens"] == 14
+    prompt = len(chat_ids(reference.tokenizer, "what is 2 plus 2?"))
+    assert all(chunk["usage"]["prompt_tokens"] == prompt for chunk in chunks)
+
+
 def test_eight_concurrent_clients_each_get_their_own_answer(url, client, reference) -> None:
     questions = [(f"what is {a} plus {a + 2}?", 10 + 2 * a) for a in range(8)]
     wanted = [expected(reference, chat_ids(reference.tokenizer, q), max_new_tokens=m)[1]

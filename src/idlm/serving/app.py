@@ -9,7 +9,6 @@ resolve from this module's globals.)
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -153,45 +152,36 @@ class Service:
 
     async def _sse(self, kind: Kind, fields: wire.SamplingFields, request: GenerationRequest,
                    events: asyncio.Queue[Event], ticket: int) -> AsyncIterator[str]:
-        """``data: {chunk}`` lines, then ``data: [DONE]``; a failure is one error chunk."""
-        options = fields.stream_options or wire.StreamOptions()
+        """Text deltas as tokens are committed; a failure is one error chunk."""
+        writer = wire.ChunkWriter(kind, self.settings.model_name, self.settings.fingerprint,
+                                  fields.stream_options, len(request.prompt_ids))
         stream = TextStream(self.tokenizer, request.sampling.stop_strings)
-        request_id, created = wire.new_id(kind), int(time.time())
-        prompt_tokens, written, finished = len(request.prompt_ids), 0, False
-
-        def chunk(**parts: Any) -> str:
-            if options.continuous_usage_stats and "usage_body" not in parts:
-                parts["usage_body"] = wire.usage(prompt_tokens, written)
-            body = wire.chunk(kind, request_id, self.settings.model_name, created,
-                              self.settings.fingerprint,
-                              with_usage=options.include_usage or options.continuous_usage_stats,
-                              **parts)
-            return f"data: {json.dumps(body)}\n\n"
-
+        finished = False
         try:
             if kind == "chat":
-                yield chunk(role=True, text="")
+                yield writer.text("", role=True)
             while not finished:
                 event = await events.get()
                 if isinstance(event, TokensEvent):
-                    written += len(event.token_ids)
+                    writer.completion_tokens += len(event.token_ids)
                     delta = stream.push(event.token_ids)
                     if delta:
-                        yield chunk(text=delta)
+                        yield writer.text(delta)
                     continue
                 finished = True
-                if isinstance(event, FailedEvent) or not event.result.ok:
-                    message = event.message if isinstance(event, FailedEvent) \
-                        else event.result.error
-                    yield f"data: {json.dumps(wire.error_body(message, 'server_error'))}\n\n"
-                    break
-                result = event.result
-                written = len(result.token_ids)
-                rest = stream.finish(result.token_ids)
-                yield chunk(text=rest, finish_reason=wire.finish_reason(result.finish_reason))
-                if options.include_usage:
-                    yield chunk(no_choices=True, usage_body=self._usage(request, result))
-            yield "data: [DONE]\n\n"
+                if isinstance(event, FailedEvent):
+                    yield writer.error(event.message)
+                elif not event.result.ok:
+                    yield writer.error(event.result.error or "invalid request")
+                else:
+                    result = event.result
+                    writer.completion_tokens = len(result.token_ids)
+                    rest = stream.finish(result.token_ids)
+                    yield writer.text(rest or None,
+                                      finish_reason=wire.finish_reason(result.finish_reason))
+                    if writer.options.include_usage:
+                        yield writer.final_usage(self._usage(request, result))
+            yield writer.done()
         finally:
             if not finished:   # the client went away mid-stream
                 self.worker.cancel(ticket)

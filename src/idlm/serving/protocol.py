@@ -9,6 +9,7 @@ are refused with a 400 that names the field. Extensions from vLLM / SGLang: ``to
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -206,3 +207,45 @@ def chunk(kind: Literal["chat", "completion"], request_id: str, model: str, crea
 def finish_reason(engine_reason: str) -> str:
     """The engine's stop / stop_string / length as OpenAI's stop / length."""
     return "length" if engine_reason == "length" else "stop"
+
+
+class ChunkWriter:
+    """The SSE lines of one streamed answer (``data: {chunk}``, then ``data: [DONE]``).
+
+    ``include_usage`` puts ``usage: null`` on every chunk and the usage on a last chunk
+    with no choices (OpenAI); ``continuous_usage_stats`` puts running counts on every
+    chunk (vLLM's extension, which guidellm asks for).
+    """
+
+    def __init__(self, kind: Literal["chat", "completion"], model: str, fingerprint: str,
+                 options: StreamOptions | None, prompt_tokens: int) -> None:
+        self.kind, self.model, self.fingerprint = kind, model, fingerprint
+        self.options = options or StreamOptions()
+        self.request_id, self.created = new_id(kind), int(time.time())
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+
+    def text(self, delta: str | None, *, role: bool = False,
+             finish_reason: str | None = None) -> str:
+        return self._line(text=delta, role=role, finish_reason=finish_reason)
+
+    def final_usage(self, usage_body: dict[str, Any]) -> str:
+        return self._line(no_choices=True, usage_body=usage_body)
+
+    @staticmethod
+    def error(message: str) -> str:
+        return sse_line(error_body(message, "server_error"))
+
+    @staticmethod
+    def done() -> str:
+        return "data: [DONE]\n\n"
+
+    def _line(self, **parts: Any) -> str:
+        if self.options.continuous_usage_stats and "usage_body" not in parts:
+            parts["usage_body"] = usage(self.prompt_tokens, self.completion_tokens)
+        with_usage = self.options.include_usage or self.options.continuous_usage_stats
+        return sse_line(chunk(self.kind, self.request_id, self.model, self.created,
+                              self.fingerprint, with_usage=with_usage, **parts))
+
+
+def sse_line(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"

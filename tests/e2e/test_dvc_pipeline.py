@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.stages.test_training_stages import SMALL
+from tests.small_configs import DOWNSTREAM, SMALL
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "base", "ic", "lora"]
+STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -34,7 +34,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         assert _run(args, root).returncode == 0
     small = [o for o in SMALL if not o.startswith("ic.phases.2")]
-    used = _run(["idlm", "config", "use", "tiny", *small, "ic.phases=[{stride: 2}, {stride: 3}]",
+    used = _run(["idlm", "config", "use", "tiny", *small, *DOWNSTREAM,
+                 "ic.phases=[{stride: 2}, {stride: 3}]",
                  "ic.phases.0.train.steps=4", "ic.phases.1.train.steps=4"], root)
     assert used.returncode == 0, used.stderr
     return root

@@ -30,9 +30,10 @@ from flows.idlm_full import idlm_full
 from idlm import tracking
 from idlm.orchestration.lock import WorkspaceBusy, holder_info, workspace_lock
 from idlm.orchestration.run import PipelineFailed
+from tests.small_configs import DOWNSTREAM
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "base", "ic", "lora"]
+STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate"]
 # As small as the stages go: seconds of compute each; the rest is process start-up.
 FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
         "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
@@ -42,7 +43,7 @@ FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
         *[f"ic.phases.{i}.train.{key}" for i in range(3) for key in
           ("steps=1", "log_every=1", "checkpoint_every=1", "micro_batch_size=8")],
         "lora.rank=4", "lora.train.steps=2", "lora.train.log_every=1",
-        "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8"]
+        "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8", *DOWNSTREAM]
 BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
 
 

@@ -8,33 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from idlm.config import Config, load_profile
+from idlm.config import Config
 from idlm.data.prepare import load_split
-from idlm.data.prepare import run as prepare
-from idlm.training import base, ic, lora
-
-SMALL = ["prepare.synthetic.train_size=400", "prepare.synthetic.eval_size=32",
-         "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
-         "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
-         "model.tiny.num_hidden_layers=2", "base.train.steps=30", "base.train.micro_batch_size=16",
-         "base.train.checkpoint_every=10", "ic.phases.0.train.steps=6",
-         "ic.phases.1.train.steps=6", "ic.phases.2.train.steps=6",
-         "ic.phases.0.train.checkpoint_every=2", "ic.phases.1.train.checkpoint_every=2",
-         "ic.phases.2.train.checkpoint_every=2", "ic.phases.0.train.log_every=1",
-         "ic.phases.1.train.log_every=1", "ic.phases.2.train.log_every=1",
-         "lora.train.steps=8", "lora.rank=4",
-         "lora.train.checkpoint_every=4"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    cfg = load_profile("tiny", [f"outputs={tmp_path_factory.mktemp('out')}", *SMALL])
-    prepare(cfg)
-    results = {"cfg": cfg, "base": base.run(cfg)}
-    results["ic_killed"] = ic.run(cfg, stop_after=(1, 3))
-    results["ic"] = ic.run(cfg)
-    results["lora"] = lora.run(cfg)
-    return results
+from idlm.training import ic
 
 
 def _names(folder: Path) -> list[str]:

@@ -188,3 +188,15 @@ def test_all_cold_start_window_is_n_wide() -> None:
     assert window.drafting.tolist() == [[False, True, True, True], [False, True, True, False]]
     rows = book.logit_rows(window.anchor, window.num_checked, 3, 4)
     assert rows.tolist()[0] == [0, 1, 2, 3, 1, 2, 3]
+
+
+def test_cache_concat_matches_capacities_that_reserve_would_round_differently() -> None:
+    # 128 vs 192 slots: reserve(192) on the smaller would double it to 256; concat must
+    # bring both to exactly 192 and keep every stored entry where it was.
+    small = RaggedKVCache(1, 2, 1, 2, 128, torch.float32, "cpu")
+    large = RaggedKVCache(1, 3, 1, 2, 192, torch.float32, "cpu")
+    small.keys[0][:, :, 5] = 1.0
+    large.values[0][:, :, 150] = 2.0
+    small.concat(large)
+    assert small.rows == 5 and small.capacity == 192
+    assert small.keys[0][:2, :, 5].eq(1).all() and small.values[0][2:, :, 150].eq(2).all()

@@ -88,9 +88,13 @@ class RaggedKVCache:
 
     def concat(self, other: RaggedKVCache) -> None:
         """Append ``other``'s rows after this cache's rows (capacities are matched)."""
+        # Exactly the larger capacity on both sides: reserve() may round one side up
+        # further (it doubles), which would leave the buffers unequal.
         capacity = max(self.capacity, other.capacity)
-        self.reserve(capacity)
-        other.reserve(capacity)
+        for cache in (self, other):
+            if cache.capacity < capacity:
+                cache.keys = [_grow(buffer, capacity) for buffer in cache.keys]
+                cache.values = [_grow(buffer, capacity) for buffer in cache.values]
         self.keys = [torch.cat(pair) for pair in zip(self.keys, other.keys, strict=True)]
         self.values = [torch.cat(pair) for pair in zip(self.values, other.values, strict=True)]
 

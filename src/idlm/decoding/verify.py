@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +29,10 @@ from idlm.decoding.sampling import warp_probs
 from idlm.decoding.stats import aggregate
 
 MAX_REPORTED_MISMATCHES = 20
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def lossless_check(reference_model: torch.nn.Module, speculative_model: torch.nn.Module,
@@ -232,7 +238,9 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
                max_new_tokens: int = 64, stop_token_ids: Sequence[int] | None = None,
                exactness_prompts: int = 4, samples: int = 2000, continuation: int = 4,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               significance: float = 0.01, max_batch_size: int = 64) -> dict[str, Any]:
+               significance: float = 0.01, max_batch_size: int = 64,
+               compare_transformers: bool = True,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every check of the ``verify`` stage; ``passed`` gates (argmax proposals only inform)."""
     common = {"max_new_tokens": max_new_tokens, "stop_token_ids": stop_token_ids,
               "max_batch_size": max_batch_size}
@@ -240,19 +248,31 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
            "samples": samples, "continuation": continuation, "significance": significance,
            "max_batch_size": max_batch_size}
     few = prompts[:exactness_prompts]
-    report = {
-        "lossless_risd": lossless_check(base_model, risd_model, prompts, mask_token_id,
-                                        stride, **common),
-        "lossless_isd": lossless_check(ic_model, ic_model, prompts, mask_token_id, stride,
-                                       **common),
-        "exactness_isd": exactness_check(ic_model, few, mask_token_id, **law),
-        "exactness_risd": exactness_check(risd_model, few, mask_token_id, **law),
-        "exactness_isd_argmax_proposal": exactness_check(ic_model, few, mask_token_id,
-                                                         proposal="argmax", **law),
-        "acceptance_isd": acceptance_sweep(ic_model, prompts, mask_token_id, strides, **common),
-        "acceptance_risd": acceptance_sweep(risd_model, prompts, mask_token_id, strides,
-                                            **common),
+    checks: dict[str, Callable[[], dict[str, Any]]] = {
+        "lossless_risd": lambda: lossless_check(
+            base_model, risd_model, prompts, mask_token_id, stride,
+            compare_transformers=compare_transformers, **common),
+        "lossless_isd": lambda: lossless_check(
+            ic_model, ic_model, prompts, mask_token_id, stride,
+            compare_transformers=compare_transformers, **common),
+        "exactness_isd": lambda: exactness_check(ic_model, few, mask_token_id, **law),
+        "exactness_risd": lambda: exactness_check(risd_model, few, mask_token_id, **law),
+        "exactness_isd_argmax_proposal": lambda: exactness_check(
+            ic_model, few, mask_token_id, proposal="argmax", **law),
+        "acceptance_isd": lambda: acceptance_sweep(ic_model, prompts, mask_token_id, strides,
+                                                   **common),
+        "acceptance_risd": lambda: acceptance_sweep(risd_model, prompts, mask_token_id,
+                                                    strides, **common),
     }
+    log = log or _stderr
+    report: dict[str, Any] = {}
+    for number, (name, check) in enumerate(checks.items(), 1):
+        began = time.perf_counter()
+        report[name] = check()
+        verdict = report[name].get("passed")
+        log(f"verify [{number}/{len(checks)}] {name}: "
+            f"{'' if verdict is None else ('passed, ' if verdict else 'FAILED, ')}"
+            f"{time.perf_counter() - began:.1f}s")
     gating = ("lossless_risd", "lossless_isd", "exactness_isd", "exactness_risd")
     report["failed_checks"] = [name for name in gating if not report[name]["passed"]]
     report["passed"] = not report["failed_checks"]

@@ -1,0 +1,20 @@
+"""Config overrides that make every stage run in seconds on 2 CPU cores (shared by tests)."""
+
+SMALL = ["prepare.synthetic.train_size=400", "prepare.synthetic.eval_size=32",
+         "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
+         "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
+         "model.tiny.num_hidden_layers=2", "base.train.steps=30", "base.train.micro_batch_size=16",
+         "base.train.checkpoint_every=10", "ic.phases.0.train.steps=6",
+         "ic.phases.1.train.steps=6", "ic.phases.2.train.steps=6",
+         "ic.phases.0.train.checkpoint_every=2", "ic.phases.1.train.checkpoint_every=2",
+         "ic.phases.2.train.checkpoint_every=2", "ic.phases.0.train.log_every=1",
+         "ic.phases.1.train.log_every=1", "ic.phases.2.train.log_every=1",
+         "lora.train.steps=8", "lora.rank=4",
+         "lora.train.checkpoint_every=4"]
+
+# verify / evaluate on a barely trained model: the checks are exact whatever the quality.
+DOWNSTREAM = ["verify.prompts=6", "verify.max_new_tokens=12", "verify.strides=[2, 4]",
+              "verify.exactness.prompts=1", "verify.exactness.samples=300",
+              "verify.exactness.continuation=2",
+              "evaluate.benchmarks=[tiny_arithmetic, tiny_code]", "evaluate.limit=3",
+              "evaluate.sampling.max_new_tokens=12", "evaluate.batch_size=8"]

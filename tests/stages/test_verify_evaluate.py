@@ -1,0 +1,97 @@
+"""verify and evaluate on the small trained pipeline: outputs, exactness, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from idlm.benchmarks import evaluate_stage
+from idlm.config import Config, load_profile
+from idlm.decoding import verify_stage
+from idlm.stage import StageError
+from tests.small_configs import DOWNSTREAM, SMALL
+
+
+def _cfg(trained: dict, *extra: str) -> Config:
+    return load_profile("tiny", [f"outputs={trained['cfg'].outputs}", *SMALL, *DOWNSTREAM,
+                                 *extra])
+
+
+@pytest.fixture(scope="module")
+def verified(trained: dict) -> dict:
+    return verify_stage.run(_cfg(trained))
+
+
+def test_verify_is_lossless_and_writes_report_metrics_plot(trained: dict, verified: dict
+                                                           ) -> None:
+    out = trained["cfg"].out("verify")
+    assert sorted(p.name for p in out.iterdir()) == ["acceptance.png", "metrics.json",
+                                                     "report.json"]
+    assert verified["passed"] and verified["failed_checks"] == []
+    for mode in ("isd", "risd"):
+        assert verified[f"lossless_{mode}"]["mismatches"] == 0
+        assert verified[f"lossless_{mode}"]["prompts"] == 6
+        assert verified[f"lossless_{mode}"]["tokens_compared"] > 0
+        for stride in (2, 4):
+            figures = verified[f"{mode}_n{stride}"]
+            assert 1.0 <= figures["tokens_per_forward"] <= stride
+            assert len(figures["acceptance_per_position"]) == stride - 1
+            assert 0.0 <= figures["introspective_acceptance"] <= 1.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exactness_isd"]["isd"]["p_value"] >= 0.01
+    assert report["exactness_risd"]["isd"]["p_value"] >= 0.01
+    assert json.loads((out / "metrics.json").read_text()) == verified
+
+
+def test_verify_names_the_missing_adapter_before_loading(trained: dict,
+                                                         tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    for stage in ("prepare", "base", "ic"):
+        shutil.copytree(trained["cfg"].out(stage), outputs / stage)
+    cfg = load_profile("tiny", [f"outputs={outputs}", *SMALL, *DOWNSTREAM])
+    with pytest.raises(StageError, match=r"lora/adapter is missing: run `dvc repro lora`"):
+        verify_stage.run(cfg)
+
+
+def test_evaluate_scores_three_systems_and_risd_answers_as_ar(trained: dict,
+                                                              verified: dict) -> None:
+    cfg = _cfg(trained)
+    metrics = evaluate_stage.run(cfg)
+    out = cfg.out("evaluate")
+    assert set(metrics["scores"]) == {"ar", "isd", "risd"}
+    for scores in metrics["scores"].values():
+        assert set(scores) == {"tiny_arithmetic", "tiny_code"}
+    assert metrics["risd_equals_ar"] == {"compared": 6, "mismatched": 0, "examples": []}
+    for name in ("scores.json", "scores.md", "scores.png", "metrics.json"):
+        assert (out / name).is_file()
+    table = (out / "scores.md").read_text()
+    assert "tiny_arithmetic" in table or "tiny arithmetic" in table
+    log = out / "samples" / "isd" / "tiny_code.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert len(records) == 3
+    assert {"prompt_text", "output", "extracted", "correct"} <= set(records[0])
+
+
+def test_evaluate_resumes_a_killed_run_without_redoing_samples(trained: dict,
+                                                              verified: dict) -> None:
+    cfg = _cfg(trained)
+    evaluate_stage.run(cfg)  # complete (or already complete)
+    log = cfg.out("evaluate", "samples", "ar", "tiny_arithmetic.jsonl")
+    lines = log.read_text().splitlines(keepends=True)
+    # As if killed while writing: the last record is gone and a torn line is left.
+    log.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    evaluate_stage.run(cfg)
+    results = json.loads(cfg.out("evaluate", "scores.json").read_text())["results"]
+    ar = next(r for r in results if r["system"] == "ar" and r["benchmark"] == "tiny_arithmetic")
+    assert (ar["generated"], ar["resumed"]) == (1, 2)
+    others = [r for r in results if r is not ar]
+    assert all(r["generated"] == 0 and r["resumed"] == r["samples"] for r in others)
+
+
+def test_evaluate_rejects_an_unknown_benchmark_before_loading(trained: dict) -> None:
+    cfg = _cfg(trained, "evaluate.benchmarks=[tiny_arithmetic, gsm9k]")
+    with pytest.raises(StageError, match="evaluate.benchmarks: unknown gsm9k"):
+        evaluate_stage.run(cfg)

@@ -17,13 +17,17 @@ import pytest
 from idlm.cli import main
 from tests.unit.test_serve import NAME, build_model_dir, running_server
 
+# Long enough (thousands of steps) that the first two requests are still held when the
+# third arrives, however slow the machine; the test cancels them long before they end.
+CONTEXT = 16384
 LONG = {"model": NAME, "messages": [{"role": "user", "content": "count"}], "stream": True,
-        "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+        "max_tokens": CONTEXT - 100, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_model_dir(tmp_path_factory.mktemp("serve_cli") / "model", seed=1)
+    return build_model_dir(tmp_path_factory.mktemp("serve_cli") / "model", seed=1,
+                           context=CONTEXT)
 
 
 def wait_for(condition, seconds: float = 30.0) -> None:
@@ -41,8 +45,10 @@ def test_full_server_answers_429_and_cancels_departed_clients(model_dir) -> None
         chat = f"{url}/v1/chat/completions"
         with client.stream("POST", chat, json=LONG) as running, \
                 client.stream("POST", chat, json=LONG) as waiting:
-            assert next(running.iter_lines()).startswith("data: ")   # accepted, decoding
-            assert next(waiting.iter_lines()).startswith("data: ")   # accepted, queued
+            # Keep the line iterators: dropping one closes its connection (a departed client).
+            running_lines, waiting_lines = running.iter_lines(), waiting.iter_lines()
+            assert next(running_lines).startswith("data: ")   # accepted, decoding
+            assert next(waiting_lines).startswith("data: ")   # accepted, queued
             refused = client.post(chat, json={**LONG, "stream": False})
             assert refused.status_code == 429
             error = refused.json()["error"]
@@ -50,6 +56,9 @@ def test_full_server_answers_429_and_cancels_departed_clients(model_dir) -> None
                 error["message"]
             metrics = client.get(f"{url}/metrics").json()
             assert metrics["in_flight"] == 2 and metrics["requests_rejected"] == 1
+            assert metrics["requests_cancelled"] == 0
+            wait_for(lambda: client.get(f"{url}/metrics").json()["running"] == 1)
+            assert next(running_lines) == "" and "content" in next(running_lines)   # decoding
         # Both clients hung up: the server drops their requests instead of finishing them.
         wait_for(lambda: client.get(f"{url}/metrics").json()["in_flight"] == 0)
         metrics = client.get(f"{url}/metrics").json()

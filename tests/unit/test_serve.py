@@ -116,6 +116,8 @@ def sse(response: httpx.Response) -> list[dict]:
 # ---------------------------------------------------------------------- answers
 def test_models_health_and_metrics(url, client) -> None:
     assert [model.id for model in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    assert httpx.get(f"{url}/v1/models/other").status_code == 404
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     metrics = httpx.get(f"{url}/metrics").json()
     assert metrics["mode"] == "isd" and metrics["stride"] == STRIDE

@@ -67,6 +67,19 @@ def test_full_server_answers_429_and_cancels_departed_clients(model_dir) -> None
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_non_streaming_client_that_leaves_is_cancelled(model_dir) -> None:
+    from idlm.decoding.loading import load_engine
+
+    engine = load_engine(model_dir, mode="isd", max_batch_size=2)
+    with running_server(engine) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={**LONG, "stream": False},
+                       timeout=0.5)
+        metrics = lambda: httpx.get(f"{url}/metrics").json()  # noqa: E731
+        wait_for(lambda: metrics()["requests_cancelled"] == 1)
+        assert metrics()["in_flight"] == 0 and metrics()["requests_completed"] == 0
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mode", "risd"], "needs an adapter"),
     (["--mode", "isd", "--stride", "1"], "stride N=1"),
@@ -94,7 +107,7 @@ def test_missing_model_fails_before_torch_loads(tmp_path) -> None:
 def test_serve_process_prints_url_answers_and_stops_on_sigterm(model_dir) -> None:
     command = [sys.executable, "-m", "idlm.cli", "serve", "--model", str(model_dir),
                "--mode", "ar", "--port", "0", "--served-model-name", "tiny-ar",
-               "--log-level", "warning"]
+               "--log-level", "warning", "--graceful-shutdown", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -107,7 +120,14 @@ def test_serve_process_prints_url_answers_and_stops_on_sigterm(model_dir) -> Non
         assert answer["usage"]["completion_tokens"] == 4
         assert answer["usage"]["decoding"]["mode"] == "ar"
         assert answer["system_fingerprint"] == "idlm-ar"
-        process.send_signal(signal.SIGTERM)
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", f"{url}/chat/completions", json={**LONG, "model": "tiny-ar"}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)   # with a request in flight
+            with pytest.raises(httpx.HTTPError):   # cut off after the grace period
+                for _ in lines:
+                    pass
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

@@ -232,6 +232,14 @@ def build_app(engine: Any, settings: ServeSettings) -> FastAPI:
     async def models() -> dict[str, Any]:
         return service.models()
 
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != settings.model_name:
+            raise APIError(404, f"the model {model!r} does not exist: this server serves "
+                                f"{settings.model_name!r}", param="model",
+                           code="model_not_found")
+        return service.models()["data"][0]
+
     @app.get("/health")
     async def health() -> Any:
         alive = service.worker.alive

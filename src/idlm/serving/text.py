@@ -40,18 +40,21 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 class TextStream:
-    """Turns committed token ids into text deltas.
+    """Turns committed token ids into text deltas, incrementally.
 
-    Each push decodes the whole completion (cheap next to a forward) and hands out the
-    part not yet sent, holding back an unfinished UTF-8 character and any tail that could
-    still grow into a stop string.
+    Each push decodes only a short window (the tokens since the last emitted boundary,
+    as vLLM and TGI do), so a long answer costs O(length), not O(length^2). It holds back
+    an unfinished UTF-8 character and any tail that could still grow into a stop string;
+    a stop string ends the text just before it.
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
         self.tokenizer, self.stops = tokenizer, tuple(stops)
         self.token_ids: list[int] = []
-        self.sent = 0
+        self.text = ""          # decoded so far
+        self.sent = 0           # characters of ``text`` handed out
         self.stopped = False
+        self._prefix_offset = self._read_offset = 0
         self._holdback = max((len(stop) for stop in self.stops), default=1) - 1
 
     def push(self, token_ids: Sequence[int]) -> str:
@@ -59,28 +62,40 @@ class TextStream:
         self.token_ids += token_ids
         if self.stopped:
             return ""
-        text = self._text()
-        if text.endswith(INCOMPLETE_CHARACTER):
+        window = self.token_ids[self._prefix_offset:]
+        before = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+        after = self._decode(window)
+        if len(after) <= len(before) or after.endswith(INCOMPLETE_CHARACTER):
             return ""
-        text, self.stopped = cut_at_stop(text, self.stops)
-        end = len(text) if self.stopped else max(self.sent, len(text) - self._holdback)
-        return self._take(text, end)
+        self.text += after[len(before):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        # A stop string that began before ``sent`` would have been complete, and caught,
+        # at an earlier push (the hold-back is as long as the longest stop minus one).
+        tail, self.stopped = cut_at_stop(self.text[self.sent:], self.stops)
+        end = self.sent + len(tail)
+        if not self.stopped:
+            end = max(self.sent, end - self._holdback)
+        return self._take(end)
 
     def finish(self, token_ids: Sequence[int]) -> str:
         """The rest of the text once the request ended with ``token_ids`` in all."""
-        self.token_ids = list(token_ids)
-        text, _ = cut_at_stop(self._text(), self.stops)
-        return "" if self.stopped else self._take(text, len(text))
+        if self.stopped:
+            return ""
+        full = self.full_text(token_ids)
+        if not full.startswith(self.text[:self.sent]):   # a decode that rewrote its past
+            return ""
+        self.text = full
+        return self._take(len(full))
 
     def full_text(self, token_ids: Sequence[int]) -> str:
         """The completion's text, cut at a stop string (the non-streaming answer)."""
         self.token_ids = list(token_ids)
-        return cut_at_stop(self._text(), self.stops)[0]
+        return cut_at_stop(self._decode(self.token_ids), self.stops)[0]
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _take(self, text: str, end: int) -> str:
-        delta = text[self.sent:end]
+    def _take(self, end: int) -> str:
+        delta = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return delta

@@ -184,3 +184,79 @@ def open_tracker(workspace: Path, experiment: str = EXPERIMENT,
     artifacts = (workspace / ARTIFACTS_NAME).resolve().as_uri() if uri.startswith(
         "sqlite:///") and uri == default_tracking_uri(workspace) else None
     return MlflowTracker(uri, experiment, artifacts)
+
+
+# ---------------------------------------------------------------- model registry
+# The registry holds exported bundles (one registered model per served system); the gate
+# points a serving alias at the versions it promotes. These functions take the workspace
+# explicitly or find it as the stages do (idlm.config.workspace), and always talk to
+# MLflow directly: registering is a single-process step, not a per-rank log.
+BUNDLE_FOLDER = "bundle"  # where a registered bundle's files sit inside its run's artifacts
+
+
+def _registry_tracker(workspace: Path | None, experiment: str = EXPERIMENT) -> MlflowTracker:
+    if workspace is None:
+        from idlm.config import workspace as find_workspace
+
+        workspace = find_workspace()
+    tracker = open_tracker(workspace, experiment, rank=0)
+    assert isinstance(tracker, MlflowTracker)  # rank 0 always gets MLflow
+    return tracker
+
+
+def register_bundle(name: str, bundle: Path, *, workspace: Path | None = None,
+                    upload: bool = True, tags: dict[str, str] | None = None,
+                    description: str | None = None, experiment: str = EXPERIMENT) -> str:
+    """Register the folder ``bundle`` as a new version of registered model ``name``
+    (created on first use); returns the new version number as a string.
+
+    ``upload``: copy the files into a run's artifacts (``bundle/``) and point the version
+    there, so the registry owns them. Without it the version points at the folder itself
+    (a shared filesystem path), for bundles too big to copy twice.
+    """
+    bundle = Path(bundle).resolve()
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"register_bundle: {bundle} is not a folder")
+    tracker = _registry_tracker(workspace, experiment)
+    client = tracker.client
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    all_tags = {"bundle_name": bundle.name, **(tags or {})}
+    run_id = tracker.start_run(f"register:{name}", tags=all_tags)
+    if upload:
+        client.log_artifacts(run_id, str(bundle), BUNDLE_FOLDER)
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_FOLDER}"
+    else:
+        source = bundle.as_uri()
+    tracker.finish(run_id)
+    version = client.create_model_version(
+        name, source, run_id=run_id, description=description,
+        tags={k: _clip(str(v), _TAG_CHARS) for k, v in all_tags.items()})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str | int, *,
+              workspace: Path | None = None) -> None:
+    """Point ``alias`` (e.g. ``champion``) of registered model ``name`` at ``version``."""
+    _registry_tracker(workspace).client.set_registered_model_alias(name, alias, str(version))
+
+
+def get_alias(name: str, alias: str, *, workspace: Path | None = None) -> str | None:
+    """The version ``alias`` points at, or None (no such alias or no such model)."""
+    try:
+        found = _registry_tracker(workspace).client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+    return str(found.version)
+
+
+def model_version_source(name: str, version: str | int, *,
+                         workspace: Path | None = None) -> str:
+    """Where a registered version's files are (artifact URI or folder URI)."""
+    client = _registry_tracker(workspace).client
+    return str(client.get_model_version(name, str(version)).source)

@@ -295,6 +295,10 @@ class GateSection(Section):
     temperature: Annotated[float, Field(ge=0)] = 0.0
     stride: Annotated[int, Field(ge=2, le=8)] = 4
     server_args: list[str] = []  # extra `idlm serve` flags, the same for every arm
+    # CPU threads per spawned server (OMP_NUM_THREADS); on a small shared CPU, 1 avoids
+    # the stalls of busy-waiting OpenMP threads competing with the load generator.
+    server_threads: Annotated[int, Field(gt=0)] | None = None
+    generator_workers: Annotated[int, Field(gt=0)] | None = None  # guidellm processes
     tokenizer: str | None = None  # what the load generator counts tokens with (default: ar model)
     startup_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     # Minimum per-request tok/s speedup over AR, per arm and concurrency (levels not

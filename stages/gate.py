@@ -1,0 +1,21 @@
+"""DVC stage `gate`.
+
+Load-test I-DLM (ISD) and R-ISD against the AR base with guidellm at each concurrency
+level, add evaluate's quality deltas, and move the registry alias (`champion`) to the
+exported versions only if every threshold holds; otherwise exit non-zero with the table
+of what missed and leave the alias where it was.
+"""
+
+import sys
+
+from idlm.stage import stage_main
+
+
+def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
+    from idlm.serving.gate import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("gate", _run, __doc__))

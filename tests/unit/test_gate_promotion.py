@@ -95,6 +95,10 @@ def test_registry_file_from_export(tmp_path: Path) -> None:
         read_registered(path)
     path.write_text(json.dumps({"registered": [{"name": "idlm-isd", "version": 3}]}))
     assert read_registered(path) == [{"name": "idlm-isd", "version": "3"}]
+    path.write_text(json.dumps({"isd": {"registered_model": "idlm-isd", "version": "4"},
+                                "risd": {"name": "idlm-risd", "version": 1}}))
+    assert read_registered(path) == [{"name": "idlm-isd", "version": "4"},
+                                     {"name": "idlm-risd", "version": "1"}]
     path.write_text(json.dumps({"registered": []}))
     with pytest.raises(StageError, match="names no registered model version"):
         read_registered(path)

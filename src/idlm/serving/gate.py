@@ -343,8 +343,15 @@ def _load(url: str, plan: Any, workdir: Path) -> tuple[dict[int, Any], dict[str,
     return levels, loadtest.decoding_stats(url)
 
 
+# What the export stage leaves for the gate (under the outputs folder):
+# {"registered": [{"name": "<registered model>", "version": "<n>"}, ...]}
+EXPORT_REGISTRY = ("export", "registry.json")
+
+
 def read_registered(path: Path) -> list[dict[str, str]]:
-    """``[{"name", "version"}]``: the registry versions the export stage recorded."""
+    """``[{"name", "version"}]``: the registry versions the export stage recorded (a list
+    under ``registered``, a bare list, or a mapping bundle -> entry; ``registered_model``
+    is taken for ``name``)."""
     if not path.is_file():
         raise StageError(f"gate: {path} not found: run the export stage first (it registers "
                          "the bundles the gate promotes)")
@@ -352,8 +359,13 @@ def read_registered(path: Path) -> list[dict[str, str]]:
     entries = data.get("registered", data) if isinstance(data, dict) else data
     if isinstance(entries, dict):
         entries = list(entries.values())
-    found = [{"name": str(e["name"]), "version": str(e["version"])} for e in entries
-             if isinstance(e, dict) and e.get("name") and e.get("version") is not None]
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or entry.get("registered_model")
+        if name and entry.get("version") is not None:
+            found.append({"name": str(name), "version": str(entry["version"])})
     if not found:
         raise StageError(f"gate: {path} names no registered model version (name + version): "
                          "rerun the export stage")
@@ -380,7 +392,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
     began = time.perf_counter()
     targets = arm_targets(cfg)
-    registered = read_registered(cfg.out("export", "registry.json"))
+    registered = read_registered(cfg.out(*EXPORT_REGISTRY))
     scores = read_scores(cfg.out("evaluate", "scores.json"))
     plan = load_plan(cfg, targets)
     with atomic_dir(cfg.out("gate", "loadtest")) as workdir:

@@ -35,7 +35,7 @@ class FlowSettings(BaseModel):
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
     stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     # Outputs up to this size are copied into MLflow; larger ones are referenced by hash.
-    artifact_max_bytes: Annotated[int, Field(ge=0)] = 256 << 10
+    artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
 
     def retries_for(self, stage: str) -> int:
         return self.stage_retries.get(stage, self.retries)

@@ -4,8 +4,9 @@
   the shared keys it lists), flattened (``ic.phases.0.train.lr``);
 - metrics: every number in its metrics files, plus each JSON plot file (``history.json``)
   as curves, stepped by the plot's ``x`` key;
-- artifacts: metrics JSON, plot files (PNG), small outputs; larger outputs and persisted
-  checkpoints are *referenced* (path, hash, size from ``dvc.lock``) in ``dvc_outputs.json``.
+- artifacts: metrics JSON, plot files (PNG), outputs up to ``artifact_max_bytes`` (an
+  adapter, evaluation sample logs); larger ones (weights, checkpoints) are *referenced*
+  (path, hash, size from ``dvc.lock``) in ``dvc_outputs.json``.
 
 Reading declared files only means a stage DVC skipped is recorded exactly like one that ran.
 """
@@ -113,8 +114,8 @@ def output_refs(spec: StageSpec, workspace: Path, max_bytes: int) -> list[dict[s
         path = workspace / out.path
         entry = locked.get(out.path, {})
         size = _size(path) if path.exists() else None
-        copy = (path.exists() and not out.persist
-                and (out.kind != "out" or (size is not None and size <= max_bytes)))
+        copy = path.exists() and (out.kind != "out"
+                                  or (size is not None and size <= max_bytes))
         refs.append({"path": out.path, "kind": out.kind, "cache": out.cache,
                      "persist": out.persist, "md5": entry.get("md5"), "size": size,
                      "nfiles": entry.get("nfiles"), "exists": path.exists(),

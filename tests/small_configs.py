@@ -17,4 +17,8 @@ DOWNSTREAM = ["verify.prompts=6", "verify.max_new_tokens=12", "verify.strides=[2
               "verify.exactness.prompts=1", "verify.exactness.samples=300",
               "verify.exactness.continuation=2",
               "evaluate.benchmarks=[tiny_arithmetic, tiny_code]", "evaluate.limit=3",
-              "evaluate.sampling.max_new_tokens=12", "evaluate.batch_size=8"]
+              "evaluate.sampling.max_new_tokens=12", "evaluate.batch_size=8",
+              "evaluate.overrides={}",
+              # A barely trained model is not faster than AR: measure, do not gate speed.
+              "gate.concurrencies=[1, 2]", "gate.repeats=1", "gate.min_requests=2",
+              "gate.output_tokens=8", "gate.min_speedup={}", "gate.max_quality_drop=100"]

@@ -41,7 +41,7 @@ def config_dir() -> Path:
 
 def active_config() -> Path:
     return workspace() / "params.yaml"
-STAGES = ("prepare", "base", "ic", "lora", "verify", "evaluate", "gate")
+STAGES = ("prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate")
 
 
 class ConfigError(ValueError):
@@ -264,6 +264,36 @@ class EvaluateSection(Section):
     overrides: dict[str, EvalOverride] = {}
 
 
+# ---------------------------------------------------------------- export
+class ExportRegistry(Section):
+    """Registered model names in MLflow's registry (one per served system)."""
+
+    isd: str = "idlm-isd"
+    risd: str = "idlm-risd"
+    enabled: bool = True
+    # Copy the bundle files into the registry's artifact store; off: the version points
+    # at the bundle folder (a shared filesystem), for weights too big to store twice.
+    upload: bool = True
+
+
+class ExportSection(Section):
+    """SGLang-servable bundles: I-DLM (ISD, full IC weights) and R-ISD (base reference +
+    gated adapter), each with a sha256 manifest, algorithm config and launch command."""
+
+    stride: Annotated[int, Field(ge=2, le=8)] = 4
+    # Draft proposals: `sample` from q (exact at T > 0) or `argmax` of q (faster, inexact).
+    proposal: Literal["sample", "argmax"] = "sample"
+    seed: int = 0
+    max_running_requests: Annotated[int, Field(gt=0)] = 64
+    attention_backend: Literal["flashinfer", "triton"] = "flashinfer"
+    extra_server_args: list[str] = []
+    # Load each bundle back (transformers + our engine) and check its greedy output on
+    # these many held-out prompts equals the source model's (0: hashes only).
+    check_prompts: Annotated[int, Field(ge=0)] = 4
+    check_new_tokens: Annotated[int, Field(gt=0)] = 16
+    registry: ExportRegistry = ExportRegistry()
+
+
 # ---------------------------------------------------------------- gate
 class GateArm(Section):
     """Where one arm is served. Without ``url`` the gate starts ``idlm serve`` on a free
@@ -348,6 +378,7 @@ class Config(Section):
     lora: LoraSection = LoraSection()
     verify: VerifySection = VerifySection()
     evaluate: EvaluateSection = EvaluateSection()
+    export: ExportSection = ExportSection()
     gate: GateSection = GateSection()
     flow: FlowConfig = FlowConfig()
 

@@ -95,6 +95,13 @@ def logit_rows(anchor: torch.Tensor, num_checked: torch.Tensor, width_drafts: in
     return torch.cat([anchor_rows, mask_rows], dim=1).clamp_(max=window_width - 1)
 
 
+def kept_slots(anchor: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """[B] window slots whose KV stays committed after verification: the anchor (pending
+    token, or the last prompt token), everything before it, and the k accepted drafts.
+    The rest (rejected drafts, MASK and padding slots) is dropped; a server trims it."""
+    return anchor + 1 + accepted
+
+
 def emitted_tokens(drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, D+1] tokens this step emits (k accepted drafts, then ``token``) and their count."""

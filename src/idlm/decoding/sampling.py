@@ -51,6 +51,14 @@ def counter_uniforms(seeds: torch.Tensor, steps: torch.Tensor, slots: torch.Tens
     return (high * (1 << 26) + low).to(torch.float64) / float(1 << 53)
 
 
+def decision_slots(width_drafts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The slots of one ISD step, in the verifier's order: the emitted token, then the D
+    accept tests, then the D draft draws (what ``counter_uniforms`` is keyed by)."""
+    drafts = torch.arange(width_drafts)
+    return torch.cat([torch.tensor([TOKEN_SLOT]), ACCEPT_SLOT + drafts,
+                      DRAFT_SLOT + drafts]).to(device)
+
+
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row of ``probs`` [..., V] (unnormalised is fine) by inverse CDF."""
     cdf = probs.to(torch.float64).cumsum(-1)

@@ -144,10 +144,12 @@ def test_batch_fields_the_algorithm_reads_exist() -> None:
         fields[prefix + "managers.utils.GenerationBatchResult"])
 
 
-def test_plugin_modules_import_without_sglang_transformers_or_peft() -> None:
+def test_plugin_modules_import_with_torch_alone() -> None:
+    """The server installs idlm without dependencies: the plugin must need only torch."""
     code = ("import sys\nimport idlm.serving.sglang.plugin, idlm.serving.sglang.algorithm, "
             "idlm.serving.sglang.hooks, idlm.serving.sglang.window, idlm.serving.sglang.lora\n"
-            "print(sorted(m for m in ('sglang', 'transformers', 'peft', 'mlflow') "
+            "print(sorted(m for m in ('sglang', 'transformers', 'peft', 'mlflow', 'pydantic', "
+            "'yaml') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -105,5 +105,4 @@ def algorithm_class() -> type:
                 info.temperatures.view(-1).tolist(), info.top_ks.tolist(),
                 info.top_ps.tolist(), seeds, device=forward_batch.input_ids.device)
 
-    IntrospectiveStridedDecoding.__name__ = ALGORITHM_NAME
     return IntrospectiveStridedDecoding

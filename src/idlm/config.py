@@ -41,6 +41,8 @@ def config_dir() -> Path:
 
 def active_config() -> Path:
     return workspace() / "params.yaml"
+
+
 STAGES = ("prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate")
 
 
@@ -360,7 +362,7 @@ class FlowConfig(Section):
     retries: Annotated[int, Field(ge=0)] = 0
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
     stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
-    artifact_max_bytes: Annotated[int, Field(ge=0)] = 256 << 10
+    artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
 
 
 # ---------------------------------------------------------------- root

@@ -76,6 +76,9 @@ class TokenGate:
         self.mask_token_id = mask_token_id
         self.explicit: torch.Tensor | None = None
         self.current: torch.Tensor | None = None
+        # (gate, its flat nonzero rows): every gated layer of one forward shares the gate
+        # tensor, so the row index (a device sync) is computed once, not once per layer.
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_decoder_call(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -97,6 +100,7 @@ class TokenGate:
                 "gated LoRA finds MASK positions from input_ids, but only inputs_embeds were "
                 "given: wrap the call in `with explicit_gate(model, gate): ...`"
             )
+        self._rows = None  # a new forward: never reuse rows, even for a reused gate tensor
         return args, {**kwargs, _GATE_KWARG: gate}
 
     def on_attention_call(
@@ -123,6 +127,16 @@ class TokenGate:
             )
         return self.current.to(hidden.device)
 
+    def gated_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the gated rows of ``hidden`` (cached per gate tensor)."""
+        gate = self.gate_for(hidden)
+        cached = self._rows
+        if cached is not None and cached[0] is self.current and cached[1].device == gate.device:
+            return cached[1]
+        rows = gate.reshape(-1).nonzero().squeeze(-1)
+        self._rows = (self.current, rows)
+        return rows
+
 
 class GatedLinear(LoraLinear):
     """PEFT's LoRA ``Linear`` whose delta is added only at gated (MASK) rows."""
@@ -138,8 +152,7 @@ class GatedLinear(LoraLinear):
             return result
         if self.token_gate is None:
             raise GatedLoraError("gated LoRA layer has no gate: build it with attach_gated_lora")
-        gate = self.token_gate.gate_for(x)
-        gated_rows = gate.reshape(-1).nonzero().squeeze(-1)
+        gated_rows = self.token_gate.gated_rows(x)
         # Empty selections still run the LoRA matmuls so every LoRA parameter stays in the
         # graph (DDP / ZeRO expect every trainable parameter to receive a gradient).
         gated_inputs = x.reshape(-1, x.shape[-1]).index_select(0, gated_rows)

@@ -10,6 +10,7 @@ both bundles are registered as new versions in MLflow's registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -70,11 +71,28 @@ def exported(workspace: Path) -> tuple[config_mod.Config, dict]:
     cfg = config_mod.load_profile("tiny", [f"outputs={workspace / 'outputs'}",
                                            "export.stride=3", "export.check_prompts=3",
                                            "export.check_new_tokens=10"])
+    UPSTREAM_BEFORE.update(_upstream_digests(workspace))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IDLM_WORKSPACE", str(workspace))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         metrics = run(cfg)
     return cfg, metrics
+
+
+UPSTREAM_BEFORE: dict[str, str] = {}
+
+
+def _upstream_digests(workspace: Path) -> dict[str, str]:
+    out = workspace / "outputs"
+    return {str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for stage in ("prepare", "base", "ic", "lora") for path in (out / stage).rglob("*")
+            if path.is_file()}
+
+
+def test_export_leaves_every_upstream_file_as_it_was(exported, workspace: Path) -> None:  # noqa: ANN001
+    # Bundles hard-link big files from upstream outputs; rewriting one (config.json with the
+    # SGLang architecture) must replace the link, never write into the IC model's file.
+    assert UPSTREAM_BEFORE and _upstream_digests(workspace) == UPSTREAM_BEFORE
 
 
 def test_metrics_and_registry_record_both_bundles(exported, workspace: Path) -> None:  # noqa: ANN001

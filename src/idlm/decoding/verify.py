@@ -29,6 +29,8 @@ from idlm.decoding.sampling import warp_probs
 from idlm.decoding.stats import aggregate
 
 MAX_REPORTED_MISMATCHES = 20
+# The checks whose failure fails the verify stage.
+GATING = ("lossless_risd", "lossless_isd", "exactness_isd", "exactness_risd")
 
 
 def _stderr(message: str) -> None:
@@ -270,10 +272,11 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
         began = time.perf_counter()
         report[name] = check()
         verdict = report[name].get("passed")
+        if name not in GATING:
+            verdict = None  # informational (argmax proposals are inexact by design)
         log(f"verify [{number}/{len(checks)}] {name}: "
             f"{'' if verdict is None else ('passed, ' if verdict else 'FAILED, ')}"
             f"{time.perf_counter() - began:.1f}s")
-    gating = ("lossless_risd", "lossless_isd", "exactness_isd", "exactness_risd")
-    report["failed_checks"] = [name for name in gating if not report[name]["passed"]]
+    report["failed_checks"] = [name for name in GATING if not report[name]["passed"]]
     report["passed"] = not report["failed_checks"]
     return report

@@ -117,6 +117,9 @@ def export_isd(ic_model: Path, tokenizer: Path, out: Path, settings: ServeSettin
         _place_model_files(ic_model, staging)
         config = json.loads((ic_model / "config.json").read_text())
         config = {**config, "architectures": [ARCHITECTURE], "mask_token_id": mask_token_id}
+        # config.json was hard-linked from the IC model: replace the link, never write
+        # through it (that would edit the IC model's own file, an upstream DVC output).
+        (staging / "config.json").unlink()
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_tree(tokenizer, staging)
         algorithm = algorithm_config(settings, mask_token_id, pad_token_id, gate=False)
@@ -197,8 +200,10 @@ def _copy_tree(source: Path, target: Path) -> None:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """A hard link where possible (weights run to tens of GB), else a copy. Sources are
-    never written in place (stages replace whole folders), so sharing inodes is safe."""
+    never written in place (stages replace whole folders) and a bundle file that differs
+    from its source replaces the link instead of writing through it."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)  # a copy over an existing link would write its source
     try:
         os.link(source, target)
     except OSError:

@@ -13,7 +13,7 @@ import pytest
 from tests.small_configs import DOWNSTREAM, SMALL
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate"]
+STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -53,8 +53,10 @@ def test_repro_runs_all_stages_then_nothing(workspace: Path) -> None:
     assert "up to date" in status.stdout, status.stdout
     # A param change (edited in params.yaml, as `dvc exp run -S` does) reruns only its stage.
     params = workspace / "params.yaml"
-    params.write_text(params.read_text().replace("    steps: 8\n", "    steps: 9\n"))
+    text = params.read_text()
+    assert text.count("  output_tokens: 8\n") == 1  # the gate's (the last stage's) key
+    params.write_text(text.replace("  output_tokens: 8\n", "  output_tokens: 9\n"))
     third = _run(["dvc", "repro"], workspace)
     assert third.returncode == 0, third.stderr[-2000:]
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in third.stdout]
-    assert ran == ["lora"]
+    assert ran == ["gate"]

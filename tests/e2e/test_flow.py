@@ -33,7 +33,7 @@ from idlm.orchestration.run import PipelineFailed
 from tests.small_configs import DOWNSTREAM
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate"]
+STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
 # As small as the stages go: seconds of compute each; the rest is process start-up.
 FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
         "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
@@ -146,7 +146,7 @@ def test_a_failing_stage_fails_the_run_and_stops_what_is_downstream(
     assert ["base", "failed"] in [line.split()[:2] for line in error.summary.splitlines()]
     parent, children = _family(workspace, _parent_of_failed_run(workspace))
     assert parent.info.status == "FAILED" and "ValidationError" in parent.data.tags["error"]
-    assert set(children) == {"prepare", "base"}  # ic and lora never started
+    assert set(children) == {"prepare", "base"}  # nothing downstream of base started
     assert children["prepare"].info.status == "FINISHED"
     base = children["base"]
     assert base.info.status == "FAILED" and base.data.tags["dvc.status"] == "failed"
@@ -163,7 +163,7 @@ def test_after_the_fix_finished_stages_are_skipped_and_the_rest_run(
     fixed = runs["fixed"]
     assert fixed["state"] == "COMPLETED"
     assert [(s["stage"], s["status"]) for s in fixed["stages"]] == [
-        ("prepare", "skipped"), ("base", "ran"), ("ic", "ran"), ("lora", "ran")]
+        ("prepare", "skipped"), *[(stage, "ran") for stage in STAGES[1:]]]
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=workspace,
                             capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
@@ -230,7 +230,7 @@ def test_tasks_are_named_after_stages_and_progress_reaches_the_prefect_log(
 
 def test_a_rerun_executes_no_stage(runs: dict[str, Any], workspace: Path) -> None:
     again = runs["again"]
-    assert [s["status"] for s in again["stages"]] == ["skipped"] * 4
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * len(STAGES)
     assert (workspace / "dvc.lock").read_bytes() == runs["lock_after_fixed"]
     _, children = _family(workspace, again["parent_run_id"])
     assert {c.data.tags["skipped"] for c in children.values()} == {"true"}

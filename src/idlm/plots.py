@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def loss_curves(histories: dict[str, list[dict[str, float]]], keys: list[str],
@@ -29,9 +30,16 @@ def loss_curves(histories: dict[str, list[dict[str, float]]], keys: list[str],
         axis.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def save_figure(figure: Any, out_path: Path, dpi: int = 110) -> Path:
+    """Write ``figure`` as a PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    figure.savefig(tmp, dpi=dpi)
+    plt.close(figure)
     tmp.replace(out_path)
     return out_path

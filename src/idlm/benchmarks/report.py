@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm.benchmarks.runner import BenchmarkResult
+from idlm.plots import save_figure
 from idlm.stage import write_json_atomic
 
 
@@ -82,12 +83,7 @@ def bar_chart(results: Sequence[BenchmarkResult], out_path: Path, title: str) ->
     axis.legend()
     axis.set_title(title)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:

@@ -125,6 +125,8 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from idlm.plots import save_figure
+
     figure, axis = plt.subplots(figsize=(6, 4))
     for mode, style in (("isd", "-o"), ("risd", "--s")):
         for key, sweep in report[f"acceptance_{mode}"]["strides"].items():
@@ -133,17 +135,16 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> Path:
             tpf = sweep["decoding"].get("tokens_per_forward") or 0.0
             axis.plot(range(1, len(rates) + 1), rates, style,
                       label=f"{mode.upper()} N={key} (TPF {tpf:.2f})")
+    longest = max((len(sweep["decoding"].get("acceptance") or [])
+                   for mode in ("isd", "risd")
+                   for sweep in report[f"acceptance_{mode}"]["strides"].values()), default=1)
+    axis.set_xticks(range(1, longest + 1))
     axis.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1.02),
              title="Draft acceptance per position (greedy)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 def inference_device() -> str:

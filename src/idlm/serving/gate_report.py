@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from idlm.plots import save_figure
 from idlm.serving.gate import BASELINE, Decision, misses_table
 
 ARM_TITLES = {"ar": "AR base", "isd": "I-DLM (ISD)", "risd": "R-ISD"}
@@ -106,9 +107,4 @@ def plot(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], out_path: 
         axis.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return save_figure(fig, out_path, dpi=120)

@@ -250,6 +250,17 @@ class EvalOverride(Section):
     max_new_tokens: Annotated[int, Field(gt=0)] | None = None
 
 
+class EvalEndpoint(Section):
+    """An OpenAI-compatible server (an SGLang server of an exported bundle, `idlm serve`)
+    that answers for one system instead of the in-process engine."""
+
+    url: str
+    model: str = "default"
+    concurrency: Annotated[int, Field(gt=0)] = 64
+    timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    retries: Annotated[int, Field(ge=0)] = 3
+
+
 class EvaluateSection(Section):
     """Benchmarks for the three systems: AR base, I-DLM (ISD) and R-ISD."""
 
@@ -264,6 +275,9 @@ class EvaluateSection(Section):
     limit: Annotated[int, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(gt=0)] = 32
     overrides: dict[str, EvalOverride] = {}
+    # Systems served elsewhere (e.g. `risd: {url: http://gpu-node:30000}`); the rest run
+    # in process. Each server must already serve that system's model and decoding mode.
+    endpoints: dict[Literal["ar", "isd", "risd"], EvalEndpoint] = {}
 
 
 # ---------------------------------------------------------------- export

@@ -95,3 +95,30 @@ def test_evaluate_rejects_an_unknown_benchmark_before_loading(trained: dict) -> 
     cfg = _cfg(trained, "evaluate.benchmarks=[tiny_arithmetic, gsm9k]")
     with pytest.raises(StageError, match="evaluate.benchmarks: unknown gsm9k"):
         evaluate_stage.run(cfg)
+
+
+def test_evaluate_through_an_endpoint_matches_the_in_process_engine(
+        trained: dict, verified: dict, tmp_path: Path) -> None:
+    from idlm.decoding.loading import load_engine
+    from tests.unit.test_serve import NAME, running_server
+
+    cfg = _cfg(trained)
+    evaluate_stage.run(cfg)  # in process (or already there)
+    in_process = json.loads(cfg.out("evaluate", "scores.json").read_text())["scores"]["risd"]
+    base, adapter = cfg.out("base", "model"), cfg.out("lora", "adapter")
+    engine = load_engine(base, adapter, "risd", max_batch_size=8)
+    with running_server(engine, mode="risd", stride=4, max_waiting=64) as url:
+        served = _cfg(trained, f"outputs={tmp_path}", "evaluate.systems=[risd]",
+                      f"evaluate.endpoints.risd.url={url}", f"evaluate.endpoints.risd.model={NAME}")
+        for stage in ("prepare", "base", "ic", "lora", "verify"):
+            shutil.copytree(cfg.out(stage), served.out(stage))
+        metrics = evaluate_stage.run(served)
+    assert metrics["scores"]["risd"] == in_process
+    for name in ("tiny_arithmetic", "tiny_code"):
+        outputs = [json.loads(line)["output"] for line in
+                   cfg.out("evaluate", "samples", "risd", f"{name}.jsonl").read_text()
+                   .splitlines()[1:]]
+        over_http = [json.loads(line)["output"] for line in
+                     served.out("evaluate", "samples", "risd", f"{name}.jsonl").read_text()
+                     .splitlines()[1:]]
+        assert sorted(over_http) == sorted(outputs) and len(outputs) == 3

@@ -51,15 +51,24 @@ def _check_sandbox(settings: Any) -> None:
 
 
 def backends(cfg: Config, settings: Any) -> dict[str, Any]:
-    """One engine backend per configured system (the verify stage's model folders)."""
+    """One backend per configured system: its endpoint if configured, else the in-process
+    engine on the verify stage's model folders."""
+    from idlm.benchmarks.endpoint import EndpointBackend
     from idlm.benchmarks.engine_backend import engine_backend
     from idlm.decoding.requests import DecodingError
     from idlm.decoding.verify_stage import inference_device, model_dirs
 
     folders = model_dirs(cfg)
     device = inference_device()
-    systems = {}
+    systems: dict[str, Any] = {}
     for system in cfg.evaluate.systems:
+        endpoint = cfg.evaluate.endpoints.get(system)
+        if endpoint is not None:
+            systems[system] = EndpointBackend(
+                endpoint.url, endpoint.model, name=system, thinking=settings.thinking,
+                concurrency=endpoint.concurrency, timeout_s=endpoint.timeout_s,
+                retries=endpoint.retries)
+            continue
         model, adapter = folders[system]
         try:
             systems[system] = engine_backend(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from idlm.serving.gate import Thresholds, decide, misses_table, read_scores, speedups
+from idlm.serving.gate_decision import Thresholds, decide, misses_table, read_scores, speedups
 from idlm.serving.loadtest import LevelRun, summarise
 
 PAPER = Thresholds(min_speedup={"isd": {1: 2.30, 64: 1.34}, "risd": {1: 2.0}},

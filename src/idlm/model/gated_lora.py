@@ -18,6 +18,11 @@ on the layer's ``mlp`` clears it. Routing through keyword arguments, not a globa
 per forward, is what keeps the gate right under gradient checkpointing: transformers 5
 replays a layer's ``forward`` (with the same keyword arguments) during backward, long
 after the outer forward returned, and the attention/MLP hooks run again inside the replay.
+
+The MASK embedding: embeddings are not LoRA targets, so without help the MASK row (an
+untrained row on a real Qwen3) would never learn. ``mask_embedding=True`` adds a trainable
+vector to the embedding output at the gated rows only, driven by the same gate (the decoder
+pre-hook hands it to a hook on ``embed_tokens``, which runs inside the decoder's forward).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ GATE_RULE = "input_ids == mask_token_id"
 GATE_FILE = "idlm_gate.json"
 GATE_FORMAT = "idlm-gated-lora/1"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", GATE_FILE)
+# Optional: present, and named in the gate record, only for adapters with a MASK-embedding delta.
+MASK_EMBEDDING_FILE = "idlm_mask_embedding.safetensors"
+MASK_EMBEDDING_KEY = "mask_embedding_delta"
 ARCHITECTURE_FIELDS = (
     "model_type",
     "hidden_size",
@@ -65,6 +73,21 @@ def gate_from_token_ids(token_ids: torch.Tensor, mask_token_id: int) -> torch.Te
     return token_ids == mask_token_id
 
 
+class MaskEmbeddingDelta(nn.Module):
+    """A trainable vector added to the input embedding at gated (MASK) rows only."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, embeddings: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        # Applied by calling this module (not by reading ``delta`` from a hook) so ZeRO-3's
+        # module hooks gather the parameter first. ``where`` copies ungated rows bit for bit,
+        # and keeps ``delta`` in the graph (zero gradient) when no row is gated.
+        shifted = embeddings + self.delta.to(embeddings.dtype)
+        return torch.where(gate.to(embeddings.device)[..., None], shifted, embeddings)
+
+
 class TokenGate:
     """The one gate holder that a model's gated layers share, plus the hooks that fill it.
 
@@ -76,6 +99,9 @@ class TokenGate:
         self.mask_token_id = mask_token_id
         self.explicit: torch.Tensor | None = None
         self.current: torch.Tensor | None = None
+        self.mask_embedding: MaskEmbeddingDelta | None = None
+        # The gate of the decoder forward under way, for the embed_tokens hook inside it.
+        self._embedding_gate: torch.Tensor | None = None
         # (gate, its flat nonzero rows): every gated layer of one forward shares the gate
         # tensor, so the row index (a device sync) is computed once, not once per layer.
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -101,7 +127,19 @@ class TokenGate:
                 "given: wrap the call in `with explicit_gate(model, gate): ...`"
             )
         self._rows = None  # a new forward: never reuse rows, even for a reused gate tensor
-        return args, {**kwargs, _GATE_KWARG: gate}
+        kwargs = {**kwargs, _GATE_KWARG: gate}
+        shift_lookup = self.mask_embedding is not None and input_ids is not None
+        self._embedding_gate = gate if shift_lookup else None
+        if self.mask_embedding is not None and input_ids is None:
+            # embed_tokens will not run: shift the given embeddings here instead.
+            kwargs["inputs_embeds"] = self.mask_embedding(inputs_embeds, gate)
+        return args, kwargs
+
+    def on_embedding_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        gate, self._embedding_gate = self._embedding_gate, None
+        if gate is None or self.mask_embedding is None:
+            return None  # a lookup outside a decoder forward stays the base's
+        return self.mask_embedding(output, gate)
 
     def on_attention_call(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -190,8 +228,10 @@ def attach_gated_lora(
     alpha: float,
     dropout: float,
     targets: list[str] | str = "all-linear",
+    mask_embedding: bool = False,
 ) -> PeftModel:
-    """Wrap a causal LM in a gated LoRA; the base is frozen, only LoRA parameters train."""
+    """Wrap a causal LM in a gated LoRA; the base is frozen, only LoRA parameters (and, with
+    ``mask_embedding``, a MASK-embedding delta starting at zero) train."""
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -202,11 +242,13 @@ def attach_gated_lora(
     )
     lora_config._register_custom_module({nn.Linear: GatedLinear})
     peft_model = get_peft_model(model, lora_config)
-    _install_gate(peft_model, mask_token_id)
+    _install_gate(peft_model, mask_token_id, mask_embedding)
     return peft_model
 
 
-def _install_gate(peft_model: PeftModel, mask_token_id: int) -> TokenGate:
+def _install_gate(
+    peft_model: PeftModel, mask_token_id: int, mask_embedding: bool = False
+) -> TokenGate:
     decoder = peft_model.get_base_model().get_decoder()
     if getattr(decoder, "idlm_token_gate", None) is not None:
         raise GatedLoraError("this model already carries a gated LoRA; attach only one")
@@ -227,7 +269,19 @@ def _install_gate(peft_model: PeftModel, mask_token_id: int) -> TokenGate:
                 module.token_gate = token_gate
                 gated_in_layers.add(id(module))
     _check_all_gated_layers_reachable(peft_model, gated_in_layers)
+    if mask_embedding:
+        _install_mask_embedding(decoder, token_gate)
     return token_gate
+
+
+def _install_mask_embedding(decoder: nn.Module, token_gate: TokenGate) -> None:
+    embeddings = decoder.get_input_embeddings()
+    # embedding_dim, not weight.shape: under ZeRO-3 the weight may be a partitioned stub.
+    delta_module = MaskEmbeddingDelta(embeddings.embedding_dim).to(embeddings.weight.device)
+    # A submodule of the decoder, so the trainer (and DeepSpeed) see its parameter.
+    decoder.idlm_mask_embedding = delta_module
+    token_gate.mask_embedding = delta_module
+    embeddings.register_forward_hook(token_gate.on_embedding_done)
 
 
 def _check_all_gated_layers_reachable(peft_model: PeftModel, gated_ids: set[int]) -> None:
@@ -282,19 +336,29 @@ def base_fingerprint(model: nn.Module, checkpoint_hash: str | None = None) -> di
 def save_gated_lora(
     model: PeftModel, out_dir: str | Path, base_fingerprint: dict[str, Any]
 ) -> Path:
-    """Write the adapter in PEFT format plus ``idlm_gate.json`` (gate rule, base fingerprint)."""
+    """Write the adapter in PEFT format plus ``idlm_gate.json`` (gate rule, base fingerprint)
+    and, when the model has one, the MASK-embedding delta (named in the gate record)."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    token_gate = find_token_gate(model)
     gate_record = {
         "format": GATE_FORMAT,
-        "mask_token_id": find_token_gate(model).mask_token_id,
+        "mask_token_id": token_gate.mask_token_id,
         "gate_rule": GATE_RULE,
         "base_fingerprint": base_fingerprint,
     }
+    if token_gate.mask_embedding is not None:
+        gate_record["mask_embedding"] = MASK_EMBEDDING_FILE
     # Stage in a sibling temp dir, then move file by file: a reader never sees a half file,
     # and idlm_gate.json (the marker that the adapter is complete) lands last.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as staging:
         model.save_pretrained(staging)
+        if token_gate.mask_embedding is not None:
+            # float32 holds a bf16- or fp32-trained delta exactly.
+            delta = token_gate.mask_embedding.delta.detach().float().cpu().contiguous()
+            save_file({MASK_EMBEDDING_KEY: delta}, str(Path(staging) / MASK_EMBEDDING_FILE))
         (Path(staging) / GATE_FILE).write_text(json.dumps(gate_record, indent=2) + "\n")
         for name in sorted(os.listdir(staging), key=lambda name: name == GATE_FILE):
             os.replace(Path(staging) / name, out_dir / name)
@@ -313,12 +377,18 @@ def load_gated_lora(
     expected = _expected_fingerprint(base_model, base_fingerprint)
     _check_fingerprint(adapter_dir, gate_record["base_fingerprint"], expected)
     _check_safetensors_header(adapter_dir / "adapter_model.safetensors")
+    delta = _read_mask_embedding(adapter_dir, gate_record, expected["hidden_size"])
     lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     lora_config._register_custom_module({nn.Linear: GatedLinear})
     peft_model = PeftModel.from_pretrained(
         base_model, str(adapter_dir), config=lora_config, is_trainable=is_trainable
     )
-    _install_gate(peft_model, int(gate_record["mask_token_id"]))
+    token_gate = _install_gate(peft_model, int(gate_record["mask_token_id"]), delta is not None)
+    if token_gate.mask_embedding is not None:
+        parameter = token_gate.mask_embedding.delta
+        with torch.no_grad():
+            parameter.copy_(delta.to(parameter.device, parameter.dtype))
+        parameter.requires_grad_(is_trainable)
     return peft_model
 
 
@@ -337,11 +407,38 @@ def _read_gate_record(adapter_dir: Path) -> dict[str, Any]:
             raise ValueError(f"unknown format/gate rule {gate_record.get('format')!r}")
         int(gate_record["mask_token_id"])
         dict(gate_record["base_fingerprint"])
+        if gate_record.get("mask_embedding", MASK_EMBEDDING_FILE) != MASK_EMBEDDING_FILE:
+            raise ValueError(f"unknown mask_embedding file {gate_record['mask_embedding']!r}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise GatedLoraError(
             f"{adapter_dir / GATE_FILE} is corrupt ({error}): re-run the lora stage"
         ) from None
     return gate_record
+
+
+def _read_mask_embedding(
+    adapter_dir: Path, gate_record: dict[str, Any], hidden_size: int
+) -> torch.Tensor | None:
+    """The saved MASK-embedding delta, or None for an adapter saved without one (= zero)."""
+    from safetensors.torch import load_file
+
+    if "mask_embedding" not in gate_record:
+        return None
+    path = adapter_dir / MASK_EMBEDDING_FILE
+    if not path.is_file():
+        raise GatedLoraError(
+            f"{adapter_dir} is not a complete gated-LoRA adapter (missing {MASK_EMBEDDING_FILE},"
+            f" which {GATE_FILE} names): re-run the lora stage"
+        )
+    _check_safetensors_header(path)
+    delta = load_file(str(path)).get(MASK_EMBEDDING_KEY)
+    if delta is None or tuple(delta.shape) != (hidden_size,):
+        found = None if delta is None else tuple(delta.shape)
+        raise GatedLoraError(
+            f"{path} is corrupt (expected {MASK_EMBEDDING_KEY} of shape ({hidden_size},), "
+            f"found {found}): re-run the lora stage"
+        )
+    return delta
 
 
 def _expected_fingerprint(base_model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,6 +8,9 @@ folded into B), and :class:`GatedLoraLinear` adds ``B A x`` only at the rows the
 opens (the MASK slots), copying every other row from the base output untouched, which
 is what keeps R-ISD lossless. The gate lives in a fixed :class:`GateBuffer` that the
 algorithm fills before each forward, so captured CUDA graphs read the current gate.
+An adapter's MASK-embedding delta (``idlm_mask_embedding.safetensors``) is added, at the
+same gated rows, to the first decoder layer's input, which in SGLang's SDAR model is the
+embedding output (the place training adds it; pipeline parallel is off for SDAR).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ FUSED_MODULES = {
     "mlp.down_proj": ("mlp.down_proj",),
 }
 PEFT_PREFIX = "base_model.model.model.layers."
+# Written by idlm.model.gated_lora (not imported: the plugin must load with torch alone).
+MASK_EMBEDDING_FILE = "idlm_mask_embedding.safetensors"
+MASK_EMBEDDING_KEY = "mask_embedding_delta"
 
 
 class AdapterError(ValueError):
@@ -60,6 +66,21 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], float, int
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return tensors, scaling, int(gate["mask_token_id"])
+
+
+def read_mask_embedding(adapter_dir: Path) -> torch.Tensor | None:
+    """The adapter's MASK-embedding delta [hidden], or None if it was saved without one."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        gate = json.loads((adapter_dir / "idlm_gate.json").read_text())
+        if "mask_embedding" not in gate:
+            return None
+        return load_file(str(adapter_dir / MASK_EMBEDDING_FILE))[MASK_EMBEDDING_KEY]
+    except (OSError, ValueError, KeyError) as error:
+        raise AdapterError(f"cannot read the MASK-embedding delta in {adapter_dir} ({error}): "
+                           "re-export the R-ISD bundle") from None
 
 
 def fuse_layer(tensors: dict[str, torch.Tensor], scaling: float, layer: int,
@@ -162,9 +183,33 @@ class GatedLoraLinear(nn.Module):
         return gated if rest is None else (gated, *rest)
 
 
+class MaskEmbeddingShift:
+    """Forward pre-hook for the first decoder layer: its ``hidden_states`` (the embeddings)
+    gain the delta at gated rows; every other row passes bit for bit. Dense ``where`` over
+    the gate buffer, so CUDA graphs can capture it."""
+
+    def __init__(self, delta: torch.Tensor, gate: GateBuffer) -> None:
+        self.delta = delta
+        self.gate = gate
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not self.gate.active:
+            return None
+        positional = "hidden_states" not in kwargs   # SDARBlock(positions, hidden_states, ...)
+        hidden = args[1] if positional else kwargs["hidden_states"]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        shifted = torch.where(self.gate.rows(flat.shape[0])[:, None],
+                              flat + self.delta.to(flat.dtype), flat).view_as(hidden)
+        if positional:
+            return (args[0], shifted, *args[2:]), kwargs
+        return args, {**kwargs, "hidden_states": shifted}
+
+
 def attach(layers: nn.ModuleList, adapter_dir: Path, config: Any, gate: GateBuffer,
            device: torch.device | str, dtype: torch.dtype) -> int:
-    """Wrap every adapted module of ``layers`` (SGLang's decoder layers); returns how many."""
+    """Wrap every adapted module of ``layers`` (SGLang's decoder layers) and hook in the
+    MASK-embedding delta if the adapter has one; returns how many modules were wrapped."""
     tensors, scaling, _ = read_adapter(adapter_dir)
     sizes = projection_sizes(config)
     wrapped = 0
@@ -178,4 +223,11 @@ def attach(layers: nn.ModuleList, adapter_dir: Path, config: Any, gate: GateBuff
             wrapped += 1
     if wrapped == 0:
         raise AdapterError(f"the adapter in {adapter_dir} touches no decoder-layer projection")
+    delta = read_mask_embedding(adapter_dir)
+    if delta is not None:
+        if tuple(delta.shape) != (config.hidden_size,):
+            raise AdapterError(f"the MASK-embedding delta has shape {tuple(delta.shape)}, the "
+                               f"model's hidden size is {config.hidden_size}: wrong base model")
+        layers[0].register_forward_pre_hook(
+            MaskEmbeddingShift(delta.to(device, dtype), gate), with_kwargs=True)
     return wrapped

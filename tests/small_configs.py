@@ -4,12 +4,11 @@ SMALL = ["prepare.synthetic.train_size=400", "prepare.synthetic.eval_size=32",
          "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
          "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
          "model.tiny.num_hidden_layers=2", "base.train.steps=30", "base.train.micro_batch_size=16",
-         "base.train.checkpoint_every=10", "ic.phases.0.train.steps=6",
-         "ic.phases.1.train.steps=6", "ic.phases.2.train.steps=6",
-         "ic.phases.0.train.checkpoint_every=2", "ic.phases.1.train.checkpoint_every=2",
-         "ic.phases.2.train.checkpoint_every=2", "ic.phases.0.train.log_every=1",
-         "ic.phases.1.train.log_every=1", "ic.phases.2.train.log_every=1",
-         "lora.train.steps=8", "lora.rank=4",
+         "base.train.checkpoint_every=10", "base.train.bf16=false", "base.accuracy_items=2",
+         "ic.phases.0.steps=6", "ic.phases.1.steps=6", "ic.phases.2.steps=6",
+         "ic.train.checkpoint_every=2", "ic.train.log_every=1", "ic.train.bf16=false",
+         "ic.accuracy_items=2",
+         "lora.train.steps=8", "lora.rank=4", "lora.train.bf16=false",
          "lora.train.checkpoint_every=4"]
 
 # verify / evaluate on a barely trained model: the checks are exact whatever the quality.

@@ -132,8 +132,12 @@ class ModelConfig(Section):
     attention: Literal["auto", "sdpa", "flex"] = "auto"
 
 
-class Optimisation(Section):
-    """One training run: DeepSpeed engine, AdamW, warmup + cosine."""
+class TrainSettings(Section):
+    """How one training run optimises: DeepSpeed engine, AdamW, warmup + cosine, layout.
+
+    How *long* it runs is ``Optimisation.steps`` / ``epochs``, or, for the IC curriculum,
+    the sum of its phases' lengths (one schedule and one optimizer state for all phases).
+    """
 
     deepspeed: str = "configs/deepspeed/zero0.json"
     lr: Annotated[float, Field(gt=0)] = 1e-3
@@ -144,43 +148,68 @@ class Optimisation(Section):
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     micro_batch_size: Annotated[int, Field(gt=0)] = 32
     grad_accum: Annotated[int, Field(gt=0)] = 1
-    steps: Annotated[int, Field(gt=0)] | None = 600
-    epochs: Annotated[float, Field(gt=0)] | None = None
-    bf16: bool = False
+    # Pack each micro-batch's sequences into rows of this many tokens (attention never
+    # crosses sequences); null: one padded row per sequence.
+    pack_width: Annotated[int, Field(gt=0)] | None = None
+    # bf16 autocast where it pays: "auto" measures fp32 against bf16 on this machine first.
+    bf16: bool | Literal["auto"] = False
     checkpoint_every: Annotated[int, Field(gt=0)] = 100
     log_every: Annotated[int, Field(gt=0)] = 10
     seed: int = 0
 
+
+class _RunLength(Section):
+    steps: Annotated[int, Field(gt=0)] | None = 600
+    epochs: Annotated[float, Field(gt=0)] | None = None
+
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> Optimisation:
+    def _steps_or_epochs(self) -> _RunLength:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of 'steps' or 'epochs'")
         return self
+
+
+class Optimisation(TrainSettings, _RunLength):
+    """One training run of its own length (base, lora)."""
 
 
 class BaseConfig(Section):
     """Tiny: the AR-pretraining run. Pretrained models are only resolved and pinned."""
 
     train: Optimisation | None = None
+    # Held-out AR answer accuracy after pretraining (items per kind; 0: off).
+    accuracy_items: Annotated[int, Field(ge=0)] = 0
 
 
 # ---------------------------------------------------------------- ic
-class Phase(Section):
-    """One curriculum phase: stride N (B = N-1 MASKs per block) and its run."""
+class Phase(_RunLength):
+    """One curriculum phase: stride N (B = N-1 MASKs per block), its alpha and length.
 
-    stride: Annotated[int, Field(ge=2, le=4)]
+    A phase changes the stride, not the optimizer: all phases are one DeepSpeed run with
+    one warmup + cosine schedule over their summed length (``ic.train``).
+    """
+
+    stride: Annotated[int, Field(ge=2, le=16)]
     alpha: float | Literal["auto"] = 0.2
-    train: Optimisation = Optimisation()
+    steps: Annotated[int, Field(gt=0)] | None = None
 
 
 class ICConfig(Section):
-    phases: list[Phase] = [Phase(stride=2), Phase(stride=3, alpha="auto")]
+    train: TrainSettings = TrainSettings(lr=1e-3)
+    phases: list[Phase] = [Phase(stride=2, epochs=1.0), Phase(stride=3, alpha="auto", epochs=1.0)]
     random_block_offset: bool = True
+    # Upper bound on auto-balanced alpha (null: unbounded). A nearly learnt AR loss makes
+    # L_mask / L_clean large, which scales the clean gradient by that much.
+    alpha_max: Annotated[float, Field(gt=0)] | None = None
+    # Held-out AR answer accuracy after every phase (items per kind; 0: off).
+    accuracy_items: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _phases(self) -> ICConfig:
         if not self.phases:
             raise ValueError("at least one curriculum phase is needed")
+        if len({p.steps is None for p in self.phases}) > 1:
+            raise ValueError("give every phase 'steps' or every phase 'epochs', not a mix")
         return self
 
 
@@ -192,6 +221,9 @@ class LoraSection(Section):
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     targets: list[str] | Literal["all-linear"] = "all-linear"
+    # Train a delta on the MASK token's embedding (at MASK rows only): embeddings are not
+    # LoRA targets, and on a real Qwen3 the MASK row is an untrained one.
+    mask_embedding: bool = True
     stride: Annotated[int, Field(ge=2, le=8)] = 3
     train: Optimisation = Optimisation(lr=2e-3, steps=300)
 
@@ -272,7 +304,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value, e.g. ic.phases.0.train.lr=1e-4")
+        raise ConfigError(f"override '{text}': expected key=value, e.g. ic.train.lr=1e-4")
     key, raw = text.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw)
 
@@ -321,8 +353,7 @@ def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
 def check_files(cfg: Config, source: str | Path) -> None:
     """Files the config names must exist before any heavy work starts."""
     ds_files = [("base.train.deepspeed", cfg.base.train.deepspeed)] if cfg.base.train else []
-    ds_files += [(f"ic.phases.{i}.train.deepspeed", phase.train.deepspeed)
-                 for i, phase in enumerate(cfg.ic.phases)]
+    ds_files.append(("ic.train.deepspeed", cfg.ic.train.deepspeed))
     ds_files.append(("lora.train.deepspeed", cfg.lora.train.deepspeed))
     for key, rel in ds_files:
         if not resolve_path(rel).is_file():

@@ -45,6 +45,7 @@ class ICBatch:
     block_start: torch.Tensor   # first position of a MASK row's block (0 elsewhere)
     labels: torch.Tensor        # shifted targets, IGNORE where no loss
     response_tokens: int        # number of response tokens in the batch (loss normaliser)
+    segment: torch.Tensor       # which packed sequence of its row a token belongs to (-1: pad)
 
     def to(self, device: torch.device | str) -> ICBatch:
         fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
@@ -63,53 +64,95 @@ def block_layout(prompt_length: int, length: int, block_size: int, offset: int
 
 
 def build_ic_batch(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                   stride: int, mask_token_id: int, pad_token_id: int,
-                   offsets: Sequence[int] | None = None) -> ICBatch:
-    """Lay out ``[x_0 | MASK x R]`` rows with labels for stride N (B = N-1)."""
-    if stride < 2:
+                   stride: int | None, mask_token_id: int, pad_token_id: int,
+                   offsets: Sequence[int] | None = None, pack_width: int | None = None
+                   ) -> ICBatch:
+    """Lay out ``[x_0 | MASK x R]`` segments with labels for stride N (B = N-1).
+
+    ``stride=None`` lays out ``x_0`` alone (the AR loss of the base stage). Without
+    ``pack_width`` each sequence has a row of its own; with it, sequences are packed
+    first-fit-decreasing into rows of that width (a longer one gets a row to itself), and
+    attention never crosses from one sequence to another, so the loss is the unpacked one
+    at ~60% fewer padded tokens.
+    """
+    if stride is not None and stride < 2:
         raise ValueError(f"stride must be >= 2 (got {stride})")
-    block_size = stride - 1
     offsets = offsets if offsets is not None else [0] * len(sequences)
-    widths = [2 * len(seq) - p for seq, p in zip(sequences, prompt_lengths, strict=True)]
-    width = max(widths)
-    shape = (len(sequences), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    kind = torch.full(shape, PAD, dtype=torch.long)
-    block = torch.full(shape, -1, dtype=torch.long)
-    block_start = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    response_tokens = 0
-    for row, (seq, r0, off) in enumerate(zip(sequences, prompt_lengths, offsets, strict=True)):
-        length = len(seq)
-        if not 0 < r0 < length:
-            raise ValueError(f"row {row}: prompt length {r0} must be in (0, {length})")
-        tokens = torch.as_tensor(seq, dtype=torch.long)
-        response = length - r0
-        response_tokens += response
-        input_ids[row, :length] = tokens
-        position_ids[row, :length] = torch.arange(length)
-        kind[row, :length] = CLEAN
-        # Clean row i predicts x[i+1]; only response targets count (the AR SFT loss).
-        labels[row, r0 - 1:length - 1] = tokens[r0:]
-        masked = slice(length, length + response)
-        input_ids[row, masked] = mask_token_id
-        position_ids[row, masked] = torch.arange(r0, length)
-        kind[row, masked] = MASKED
-        blocks, starts = block_layout(r0, length, block_size, off % block_size)
-        block[row, masked] = torch.as_tensor(blocks)
-        block_start[row, masked] = torch.as_tensor(starts)
-        # MASK at position j drafts x[j+1]; the last one has nothing left to draft.
-        labels[row, length:length + response - 1] = tokens[r0 + 1:]
-    return ICBatch(input_ids, position_ids, kind, block, block_start, labels, response_tokens)
+    for row, (seq, r0) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        if not 0 < r0 < len(seq):
+            raise ValueError(f"row {row}: prompt length {r0} must be in (0, {len(seq)})")
+    widths = [len(seq) if stride is None else 2 * len(seq) - p
+              for seq, p in zip(sequences, prompt_lengths, strict=True)]
+    placement, width = pack_segments(widths, pack_width)
+    shape = (max(row for row, _ in placement) + 1, width)
+    batch = ICBatch(torch.full(shape, pad_token_id, dtype=torch.long),
+                    torch.zeros(shape, dtype=torch.long), torch.full(shape, PAD, dtype=torch.long),
+                    torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long),
+                    torch.full(shape, IGNORE, dtype=torch.long), 0,
+                    torch.full(shape, -1, dtype=torch.long))
+    for index, (row, start) in enumerate(placement):
+        batch.response_tokens += _place(batch, row, start, index, sequences[index],
+                                        prompt_lengths[index], stride, offsets[index],
+                                        mask_token_id)
+    return batch
+
+
+def pack_segments(widths: Sequence[int], pack_width: int | None
+                  ) -> tuple[list[tuple[int, int]], int]:
+    """(row, start column) of each segment, and the row width: first-fit decreasing."""
+    if pack_width is None:
+        return [(index, 0) for index in range(len(widths))], max(widths)
+    width = max(pack_width, max(widths))
+    used: list[int] = []
+    placement = [(0, 0)] * len(widths)
+    for index in sorted(range(len(widths)), key=lambda i: (-widths[i], i)):
+        row = next((r for r, fill in enumerate(used) if fill + widths[index] <= width), None)
+        if row is None:
+            row = len(used)
+            used.append(0)
+        placement[index] = (row, used[row])
+        used[row] += widths[index]
+    return placement, width
+
+
+def _place(batch: ICBatch, row: int, start: int, segment: int, seq: Sequence[int], r0: int,
+           stride: int | None, offset: int, mask_token_id: int) -> int:
+    """Write one sequence's segment at ``start`` of ``row``; returns its response length."""
+    length = len(seq)
+    tokens = torch.as_tensor(seq, dtype=torch.long)
+    response = length - r0
+    clean = slice(start, start + length)
+    batch.input_ids[row, clean] = tokens
+    batch.position_ids[row, clean] = torch.arange(length)
+    batch.kind[row, clean] = CLEAN
+    # Clean row i predicts x[i+1]; only response targets count (the AR SFT loss).
+    batch.labels[row, start + r0 - 1:start + length - 1] = tokens[r0:]
+    if stride is None:
+        batch.segment[row, clean] = segment
+        return response
+    masked = slice(start + length, start + length + response)
+    batch.segment[row, start:start + length + response] = segment
+    batch.input_ids[row, masked] = mask_token_id
+    batch.position_ids[row, masked] = torch.arange(r0, length)
+    batch.kind[row, masked] = MASKED
+    block_size = stride - 1
+    blocks, starts = block_layout(r0, length, block_size, offset % block_size)
+    batch.block[row, masked] = torch.as_tensor(blocks)
+    batch.block_start[row, masked] = torch.as_tensor(starts)
+    # MASK at position j drafts x[j+1]; the last one has nothing left to draft.
+    batch.labels[row, start + length:start + length + response - 1] = tokens[r0 + 1:]
+    return response
 
 
 def allowed(kind_q: torch.Tensor, pos_q: torch.Tensor, block_q: torch.Tensor,
             start_q: torch.Tensor, kind_k: torch.Tensor, pos_k: torch.Tensor,
-            block_k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-    """The IC attention rule on broadcastable tensors: one definition for SDPA and flex."""
+            block_k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+            seg_q: torch.Tensor, seg_k: torch.Tensor) -> torch.Tensor:
+    """The IC attention rule on broadcastable tensors: one definition for SDPA and flex.
+    Nothing crosses between packed sequences (``seg``)."""
+    same = seg_q == seg_k
     clean_q, masked_q, pad_q = kind_q == CLEAN, kind_q == MASKED, kind_q == PAD
-    clean_k, masked_k = kind_k == CLEAN, kind_k == MASKED
+    clean_k, masked_k = (kind_k == CLEAN) & same, (kind_k == MASKED) & same
     ar = clean_q & clean_k & (pos_k <= pos_q)
     prefix = masked_q & clean_k & (pos_k < start_q)
     own_block = masked_q & masked_k & (block_k == block_q) & (pos_k <= pos_q)
@@ -122,7 +165,7 @@ def dense_mask(batch: ICBatch) -> torch.Tensor:
     q = {k: v[:, :, None] for k, v in _rows(batch).items()}
     k = {k: v[:, None, :] for k, v in _rows(batch).items()}
     grid = allowed(q["kind"], q["pos"], q["block"], q["start"], k["kind"], k["pos"], k["block"],
-                   idx[:, None], idx[None, :])
+                   idx[:, None], idx[None, :], q["seg"], k["seg"])
     return grid[:, None]
 
 
@@ -142,7 +185,8 @@ def flex_block_mask(batch: ICBatch):  # -> torch.nn.attention.flex_attention.Blo
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - flex passes index tensors
         return allowed(rows["kind"][b, q_idx], rows["pos"][b, q_idx], rows["block"][b, q_idx],
                        rows["start"][b, q_idx], rows["kind"][b, kv_idx], rows["pos"][b, kv_idx],
-                       rows["block"][b, kv_idx], q_idx, kv_idx)
+                       rows["block"][b, kv_idx], q_idx, kv_idx, rows["seg"][b, q_idx],
+                       rows["seg"][b, kv_idx])
 
     size = batch.kind.shape[1]
     return create_block_mask(mask_mod, batch.kind.shape[0], None, size, size,
@@ -151,7 +195,7 @@ def flex_block_mask(batch: ICBatch):  # -> torch.nn.attention.flex_attention.Blo
 
 def _rows(batch: ICBatch) -> dict[str, torch.Tensor]:
     return {"kind": batch.kind, "pos": batch.position_ids, "block": batch.block,
-            "start": batch.block_start}
+            "start": batch.block_start, "seg": batch.segment}
 
 
 def attention_mask_for(batch: ICBatch, implementation: str, dtype: torch.dtype):
@@ -184,15 +228,19 @@ class ICLoss:
     alpha: float
 
 
-def balance_alpha(mask_ce: torch.Tensor, clean_ce: torch.Tensor, alpha: float | str) -> float:
-    """Fixed alpha, or ``auto``: alpha = L_mask / L_clean (detached), so both terms are equal."""
+def balance_alpha(mask_ce: torch.Tensor, clean_ce: torch.Tensor, alpha: float | str,
+                  alpha_max: float | None = None) -> float:
+    """Fixed alpha, or ``auto``: alpha = L_mask / L_clean (detached), so both terms are equal,
+    capped at ``alpha_max`` when given."""
     if alpha == "auto":
-        return float(mask_ce.detach() / (clean_ce.detach() + 1e-8))
+        balanced = float(mask_ce.detach() / (clean_ce.detach() + 1e-8))
+        return balanced if alpha_max is None else min(balanced, alpha_max)
     return float(alpha)
 
 
 def ic_loss(model: torch.nn.Module, batch: ICBatch, alpha: float | str,
-            implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> ICLoss:
+            implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+            alpha_max: float | None = None) -> ICLoss:
     """CE over MASK rows (/ response tokens) + alpha * CE over clean response targets."""
     hidden = hidden_states(model, batch, implementation, dtype)
     head = model.get_output_embeddings()
@@ -203,8 +251,17 @@ def ic_loss(model: torch.nn.Module, batch: ICBatch, alpha: float | str,
     mask_ce = F.cross_entropy(mask_logits, batch.labels[masked_rows], reduction="sum")
     mask_ce = mask_ce / max(batch.response_tokens, 1)
     clean_ce = F.cross_entropy(clean_logits, batch.labels[clean_rows])
-    weight = balance_alpha(mask_ce, clean_ce, alpha)
+    weight = balance_alpha(mask_ce, clean_ce, alpha, alpha_max)
     return ICLoss(mask_ce + weight * clean_ce, mask_ce.detach(), clean_ce.detach(), weight)
+
+
+def clean_loss(model: torch.nn.Module, batch: ICBatch, implementation: str = "sdpa",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The AR SFT loss on a (packed) ``stride=None`` layout: mean CE over response targets."""
+    hidden = hidden_states(model, batch, implementation, dtype)
+    rows = (batch.kind == CLEAN) & (batch.labels != IGNORE)
+    logits = model.get_output_embeddings()(hidden[rows]).float()
+    return F.cross_entropy(logits, batch.labels[rows])
 
 
 def ar_loss(model: torch.nn.Module, sequences: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -37,17 +37,17 @@ def _pin_pretrained(cfg: Config) -> dict[str, Any]:
 
 
 def _ar_step(inputs: common.StageInputs, opt_seed: int, micro_batch: int, grad_accum: int,
-             world: int):  # noqa: ANN202 - returns a trainer StepFn
-    from idlm.objective import ar_loss
-    from idlm.training.batches import ar_batch, micro_batch_indices
+             world: int, pack_width: int | None):  # noqa: ANN202 - returns a trainer StepFn
+    from idlm.objective import IGNORE, clean_loss
+    from idlm.training.batches import ic_batch, micro_batch_indices
 
     def compute(model, step, micro, rank):  # noqa: ANN001, ANN202
         indices = micro_batch_indices(inputs.train, opt_seed, step, micro, micro_batch,
                                       rank, grad_accum, world)
-        batch = ar_batch(inputs.train, indices, inputs.pad_token_id)
-        labels = batch["labels"].to(inputs.device)
-        loss = ar_loss(model, batch["input_ids"].to(inputs.device), labels)
-        return loss, {"loss": float(loss.detach())}, int((labels != -100).sum())
+        batch = ic_batch(inputs.train, indices, None, inputs.mask_token_id,
+                         inputs.pad_token_id, None, pack_width).to(inputs.device)
+        loss = clean_loss(model, batch, inputs.attention, next(model.parameters()).dtype)
+        return loss, {"loss": float(loss.detach())}, int((batch.labels != IGNORE).sum())
 
     return compute
 
@@ -70,14 +70,15 @@ def _pretrain_tiny(cfg: Config, stop_after: int | None = None) -> dict[str, Any]
     fingerprint = common.fingerprint_of("base", cfg.model.model_dump(), opt.model_dump(),
                                         cfg.seed, inputs.data_fingerprint)
     job = TrainJob("base", model, _ar_step(inputs, opt.seed, opt.micro_batch_size,
-                                            opt.grad_accum, world),
+                                            opt.grad_accum, world, opt.pack_width),
                    opt, steps, cfg.out("base", "checkpoints"), fingerprint, device, stop_after)
     result = train(job)
     if not result.finished:
         return {"steps": result.steps_done, "finished": False}
     # Gathered on every rank (ZeRO-3 shards); the engine already updated `model` in place.
     state = trained_state_dict(result.engine)
-    heldout = common.heldout_losses(model, inputs, stride=None)
+    heldout = {**common.heldout_losses(model, inputs, stride=None),
+               **common.heldout_accuracy(cfg, model, inputs, cfg.base.accuracy_items)}
     metrics = {"steps": steps, "parameters": count_parameters(model),
                "train_loss": result.history[-1]["loss"], **heldout,
                "tokens_per_second": result.tokens_per_second}

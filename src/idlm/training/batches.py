@@ -69,37 +69,29 @@ def micro_batch_indices(rows: Rows, seed: int, step: int, micro: int, micro_batc
                         rank: int, grad_accum: int, world: int) -> list[int]:
     """Rows of one micro-batch, a pure function of (seed, step, micro, rank).
 
-    Each epoch is a seeded permutation; within windows of GROUP_BATCHES micro-batches rows
-    are sorted by length (less padding, ~30% faster steps) and the batches re-shuffled.
+    Each epoch is a seeded permutation, cut in order. Batches are *not* grouped by length:
+    lengths follow the kind of task, so length-grouped micro-batches were mostly one kind
+    each and every optimizer step pulled the model towards one task (held-out arithmetic
+    loss 1.17 vs 0.37 after 300 equal steps). Packing (``pack_width``) removes the padding
+    that grouping used to save.
     """
     first = (step * grad_accum + micro) * micro_batch * world + rank * micro_batch
     indices = []
     for flat in range(first, first + micro_batch):
         epoch, within = divmod(flat, len(rows))
-        indices.append(int(_epoch_order(rows, seed, epoch, micro_batch)[within]))
+        indices.append(int(_epoch_order(len(rows), seed, epoch)[within]))
     return indices
 
 
-GROUP_BATCHES = 16
-_ORDERS: dict[tuple[int, int, int, int], torch.Tensor] = {}
+_ORDERS: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
-def _epoch_order(rows: Rows, seed: int, epoch: int, micro_batch: int) -> torch.Tensor:
-    key = (len(rows), seed, epoch, micro_batch)
+def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    key = (count, seed, epoch)
     if key not in _ORDERS:
         _ORDERS.clear()
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(rows), generator=generator)
-        lengths = torch.as_tensor(rows.lengths)
-        window = micro_batch * GROUP_BATCHES
-        chunks = []
-        for start in range(0, len(order), window):
-            chunk = order[start:start + window]
-            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-            batches = list(chunk.split(micro_batch))
-            shuffle = torch.randperm(len(batches), generator=generator).tolist()
-            chunks.extend(batches[i] for i in shuffle)
-        _ORDERS[key] = torch.cat(chunks)
+        _ORDERS[key] = torch.randperm(count, generator=generator)
     return _ORDERS[key]
 
 
@@ -112,11 +104,13 @@ def block_offsets(count: int, stride: int, seed: int, step: int, micro: int, ran
     return torch.randint(0, stride - 1, (count,), generator=generator).tolist()
 
 
-def ic_batch(rows: Rows, indices: list[int], stride: int, mask_token_id: int, pad_token_id: int,
-             offsets: list[int]) -> ICBatch:
+def ic_batch(rows: Rows, indices: list[int], stride: int | None, mask_token_id: int,
+             pad_token_id: int, offsets: list[int] | None = None,
+             pack_width: int | None = None) -> ICBatch:
+    """The IC layout of the rows (``stride=None``: clean sequences only, for the AR loss)."""
     return build_ic_batch([rows.input_ids[i] for i in indices],
                           [rows.prompt_lengths[i] for i in indices],
-                          stride, mask_token_id, pad_token_id, offsets)
+                          stride, mask_token_id, pad_token_id, offsets, pack_width)
 
 
 def ar_batch(rows: Rows, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -114,5 +114,14 @@ def heldout_losses(model: torch.nn.Module, inputs: StageInputs, stride: int | No
     return result
 
 
+def heldout_accuracy(cfg: Config, model: torch.nn.Module, inputs: StageInputs,
+                     per_kind: int) -> dict[str, float]:
+    """AR greedy answer accuracy per held-out kind (``accuracy_<kind>``); {} when off."""
+    from idlm.training.diagnostics import heldout_accuracy as measure
+
+    return measure(model, inputs.tokenizer, inputs.mask_token_id, inputs.pad_token_id,
+                   cfg.out("prepare", "eval_items.jsonl"), per_kind)
+
+
 def _dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype

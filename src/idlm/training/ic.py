@@ -1,13 +1,17 @@
-"""``ic`` stage: introspective-consistency training, one DeepSpeed run per curriculum phase.
+"""``ic`` stage: introspective-consistency training over a stride curriculum.
 
-Phases run in order (default N=2 then N=3), each starting from the previous phase's
-weights. Everything a killed run needs to resume lives under ``checkpoints/`` (a DVC
-``persist`` out): per phase, the engine checkpoints and, once done, its final weights.
+The phases (default N=2 then N=3; the tiny profile ends at N=4, the serving stride) are
+one DeepSpeed run: one optimizer state and one warmup + cosine schedule over their summed
+length. A phase boundary changes the stride and alpha of the batches, nothing else, so
+the model is not re-warmed from lr 0 nor decayed to the floor within each phase, and a
+killed run resumes exactly, on either side of a boundary. At each boundary the held-out
+losses (and, if ``ic.accuracy_items``, AR answer accuracy) are recorded for that phase.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,121 +19,149 @@ from idlm.config import Config, Phase
 from idlm.stage import write_json_atomic
 from idlm.training import common, distributed
 
+PHASES_FILE = "phases.json"
+
 
 def phase_name(index: int, phase: Phase) -> str:
     return f"phase{index}-N{phase.stride}"
 
 
-def ic_step(inputs: common.StageInputs, stride: int, alpha: float | str, seed: int,
-            micro_batch: int, grad_accum: int, world: int, randomise_offsets: bool):  # noqa: ANN201
-    """A trainer StepFn computing the IC loss on the step's deterministic micro-batch."""
+@dataclass(frozen=True)
+class Curriculum:
+    """Which phase each step belongs to: phase i covers steps [ends[i-1], ends[i])."""
+
+    phases: list[Phase]
+    ends: list[int]
+
+    @classmethod
+    def of(cls, phases: list[Phase], rows: int, per_step: int) -> Curriculum:
+        ends, total = [], 0
+        for phase in phases:
+            total += phase.steps if phase.steps is not None else max(
+                1, round(float(phase.epochs) * rows / per_step))
+            ends.append(total)
+        return cls(list(phases), ends)
+
+    @property
+    def total_steps(self) -> int:
+        return self.ends[-1]
+
+    def index_at(self, step: int) -> int:
+        return next(i for i, end in enumerate(self.ends) if step < end)
+
+    def ending_at(self, done: int) -> int | None:
+        """The phase that ends when ``done`` steps are complete, if any."""
+        return self.ends.index(done) if done in self.ends else None
+
+
+def ic_step(inputs: common.StageInputs, curriculum: Curriculum, seed: int, micro_batch: int,
+            grad_accum: int, world: int, randomise_offsets: bool, pack_width: int | None,
+            alpha_max: float | None = None):  # noqa: ANN201
+    """A trainer StepFn: the IC loss at the step's phase (stride, alpha) and micro-batch."""
     from idlm.objective import ic_loss
     from idlm.training.batches import block_offsets, ic_batch, micro_batch_indices
 
     def compute(model, step, micro, rank):  # noqa: ANN001, ANN202
+        phase = curriculum.phases[curriculum.index_at(step)]
         indices = micro_batch_indices(inputs.train, seed, step, micro, micro_batch, rank,
                                       grad_accum, world)
-        offsets = block_offsets(len(indices), stride, seed, step, micro, rank, randomise_offsets)
-        batch = ic_batch(inputs.train, indices, stride, inputs.mask_token_id,
-                         inputs.pad_token_id, offsets).to(inputs.device)
+        offsets = block_offsets(len(indices), phase.stride, seed + 7919 * phase.stride, step,
+                                micro, rank, randomise_offsets)
+        batch = ic_batch(inputs.train, indices, phase.stride, inputs.mask_token_id,
+                         inputs.pad_token_id, offsets, pack_width).to(inputs.device)
         dtype = next(model.parameters()).dtype
-        loss = ic_loss(model, batch, alpha, inputs.attention, dtype)
+        loss = ic_loss(model, batch, phase.alpha, inputs.attention, dtype, alpha_max)
         tokens = int((batch.kind != 0).sum())
         stats = {"loss": float(loss.total.detach()), "mask_ce": float(loss.mask_ce),
-                 "clean_ce": float(loss.clean_ce), "alpha": loss.alpha}
+                 "clean_ce": float(loss.clean_ce), "alpha": loss.alpha,
+                 "stride": float(phase.stride)}
         return loss.total, stats, tokens
 
     return compute
 
 
-def run(cfg: Config, stop_after: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Train every phase; ``stop_after=(phase, step)`` stops early as a kill would (tests)."""
+def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
+    """Train the whole curriculum; ``stop_after`` (a global step) stops as a kill would."""
+    from idlm.model.factory import load_causal_lm
+    from idlm.training.trainer import TrainJob, train, trained_state_dict, zero3_loading
+
     device = distributed.device_for_rank()
     rank, world = distributed.init(device)
     inputs = common.load_inputs(cfg, device)
     pin = common.read_base_pin(cfg)
-    source: Path = common.base_model_path(cfg, pin)
-    upstream = pin["fingerprint"]
-    summary: dict[str, Any] = {"phases": []}
-    histories: dict[str, list[dict[str, float]]] = {}
-    for index, phase in enumerate(cfg.ic.phases):
-        name = phase_name(index, phase)
-        phase_dir = cfg.out("ic", "checkpoints", name)
-        fingerprint = common.fingerprint_of("ic", upstream, phase.model_dump(),
-                                            cfg.ic.random_block_offset, inputs.data_fingerprint)
-        done = phase_dir / "done.json"
-        if _is_done(done, fingerprint):
-            record = json.loads(done.read_text())
-        else:
-            until = stop_after[1] if stop_after and stop_after[0] == index else None
-            record = _train_phase(cfg, inputs, source, phase, name, phase_dir, fingerprint,
-                                  world, rank, until)
-            if record is None:
-                return {"finished": False, "phase": name}
-        histories[name] = _history(phase_dir)
-        summary["phases"].append(record)
-        source, upstream = phase_dir / "final", fingerprint
+    opt = cfg.ic.train
+    curriculum = Curriculum.of(cfg.ic.phases, len(inputs.train),
+                               opt.micro_batch_size * opt.grad_accum * world)
+    zero3 = zero3_loading(opt, curriculum.total_steps, device)  # noqa: F841 - outlives training
+    model = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
+                           attention=inputs.attention)
+    fingerprint = common.fingerprint_of("ic", pin["fingerprint"], cfg.ic.model_dump(),
+                                        inputs.data_fingerprint)
+    checkpoints = cfg.out("ic", "checkpoints")
+    compute = ic_step(inputs, curriculum, opt.seed, opt.micro_batch_size, opt.grad_accum,
+                      world, cfg.ic.random_block_offset, opt.pack_width, cfg.ic.alpha_max)
+    after = _phase_end_recorder(cfg, inputs, curriculum, checkpoints, rank)
+    job = TrainJob("ic", model, compute, opt, curriculum.total_steps, checkpoints,
+                   fingerprint, device, stop_after, after)
+    result = train(job)
+    if not result.finished:
+        return {"finished": False, "steps": result.steps_done}
+    state = trained_state_dict(result.engine)  # gathered on every rank (ZeRO-3 shards)
+    summary = _summary(curriculum, result.history, checkpoints, result.tokens_per_second)
     if rank == 0:
-        _finish(cfg, source, summary, histories)
+        common.save_model(model, inputs.tokenizer, cfg.out("ic", "model"), state_dict=state)
+        _finish(cfg, summary, result.history)
+    distributed.barrier()
     return summary
 
 
-def _is_done(done: Path, fingerprint: str) -> bool:
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint
+def _phase_end_recorder(cfg: Config, inputs: common.StageInputs, curriculum: Curriculum,
+                        checkpoints: Path, rank: int):  # noqa: ANN202 - a trainer AfterStepFn
+    """At each phase's last step: held-out losses (+ accuracy) into phases.json."""
+    def after(model, done):  # noqa: ANN001, ANN202
+        index = curriculum.ending_at(done)
+        if index is None:
+            return None
+        phase = curriculum.phases[index]
+        record = {"phase": phase_name(index, phase), "stride": phase.stride, "steps": done,
+                  **common.heldout_losses(model, inputs, phase.stride),
+                  **common.heldout_accuracy(cfg, model, inputs, cfg.ic.accuracy_items)}
+        if rank == 0:
+            path = checkpoints / PHASES_FILE
+            records = json.loads(path.read_text()) if path.is_file() else {}
+            records[record["phase"]] = record
+            write_json_atomic(path, records)
+        return {k: v for k, v in record.items() if isinstance(v, float)}
+
+    return after
 
 
-def _train_phase(cfg: Config, inputs: common.StageInputs, source: Path, phase: Phase,
-                 name: str, phase_dir: Path, fingerprint: str, world: int, rank: int,
-                 stop_after: int | None) -> dict[str, Any] | None:
-    from idlm.model.factory import load_causal_lm
-    from idlm.training.batches import total_steps
-    from idlm.training.trainer import TrainJob, train, trained_state_dict, zero3_loading
-
-    opt = phase.train
-    steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
-                        opt.steps, opt.epochs)
-    zero3 = zero3_loading(opt, steps, inputs.device)  # noqa: F841 - must outlive training
-    model = load_causal_lm(source, cfg.model, inputs.device, attention=inputs.attention)
-    compute = ic_step(inputs, phase.stride, phase.alpha, opt.seed + 7919 * phase.stride,
-                      opt.micro_batch_size, opt.grad_accum, world, cfg.ic.random_block_offset)
-    job = TrainJob(f"ic {name}", model, compute, opt, steps, phase_dir, fingerprint,
-                   inputs.device, stop_after)
-    result = train(job)
-    if not result.finished:
-        return None
-    state = trained_state_dict(result.engine)  # gathered on every rank (ZeRO-3 shards)
-    last = result.history[-1]
-    record = {"phase": name, "stride": phase.stride, "steps": steps,
-              "alpha": last["alpha"], "mask_ce": last["mask_ce"], "clean_ce": last["clean_ce"],
-              "tokens_per_second": result.tokens_per_second,
-              **common.heldout_losses(model, inputs, phase.stride), "fingerprint": fingerprint}
-    if rank == 0:
-        common.save_model(model, inputs.tokenizer, phase_dir / "final", state_dict=state)
-        write_json_atomic(phase_dir / "done.json", record)
-    distributed.barrier()
-    return record
+def _summary(curriculum: Curriculum, history: list[dict[str, Any]], checkpoints: Path,
+             tokens_per_second: float) -> dict[str, Any]:
+    path = checkpoints / PHASES_FILE
+    records = json.loads(path.read_text()) if path.is_file() else {}
+    phases = []
+    for index, (phase, end) in enumerate(zip(curriculum.phases, curriculum.ends, strict=True)):
+        name = phase_name(index, phase)
+        last = [e for e in history if e["step"] <= end and "mask_ce" in e][-1]
+        phases.append({**records.get(name, {}), "phase": name, "stride": phase.stride,
+                       "steps": end, "alpha": last["alpha"], "mask_ce": last["mask_ce"],
+                       "clean_ce": last["clean_ce"]})
+    return {"phases": phases, "steps": curriculum.total_steps,
+            "tokens_per_second": tokens_per_second}
 
 
-def _history(phase_dir: Path) -> list[dict[str, float]]:
-    log = phase_dir / "log.jsonl"
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line]
-
-
-def _finish(cfg: Config, final: Path, summary: dict[str, Any],
-            histories: dict[str, list[dict[str, float]]]) -> None:
+def _finish(cfg: Config, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
     from idlm.plots import loss_curves
 
-    common.copy_tree(final, cfg.out("ic", "model"))
-    hidden = ("phase", "fingerprint")
-    metrics = {"phases": {p["phase"]: {k: v for k, v in p.items() if k not in hidden}
-                          for p in summary["phases"]}}
+    metrics: dict[str, Any] = {
+        "phases": {p["phase"]: {k: v for k, v in p.items() if k != "phase"}
+                   for p in summary["phases"]},
+        "steps": summary["steps"], "tokens_per_second": summary["tokens_per_second"]}
     last = summary["phases"][-1]
-    metrics.update(final_stride=last["stride"], heldout_ar_loss=last["heldout_ar_loss"],
-                   heldout_mask_loss=last["heldout_mask_loss"])
+    metrics.update(final_stride=last["stride"], **{
+        k: v for k, v in last.items() if k.startswith(("heldout_", "accuracy_"))})
     write_json_atomic(cfg.out("ic", "metrics.json"), metrics)
-    rows = [{"phase": name, **entry} for name, history in histories.items() for entry in history]
-    write_json_atomic(cfg.out("ic", "history.json"), rows)
-    loss_curves(histories, ["mask_ce", "clean_ce", "alpha"], cfg.out("ic", "loss.png"),
-                "ic: introspective-consistency curriculum")
+    write_json_atomic(cfg.out("ic", "history.json"), history)
+    loss_curves({"ic": history}, ["mask_ce", "clean_ce", "alpha", "grad_norm", "lr", "stride"],
+                cfg.out("ic", "loss.png"), "ic: introspective-consistency curriculum")

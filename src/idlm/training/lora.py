@@ -16,10 +16,11 @@ from idlm.training import common, distributed
 
 
 def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
+    from idlm.config import Phase
     from idlm.model.factory import count_parameters, load_causal_lm
     from idlm.model.gated_lora import attach_gated_lora, base_fingerprint
     from idlm.training.batches import total_steps
-    from idlm.training.ic import ic_step
+    from idlm.training.ic import Curriculum, ic_step
     from idlm.training.trainer import TrainJob, train, zero3_loading
 
     section, opt = cfg.lora, cfg.lora.train
@@ -34,11 +35,12 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
                           attention=inputs.attention)
     fingerprint_of_base = base_fingerprint(base, checkpoint_hash=pin["fingerprint"])
     model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
-                              section.dropout, section.targets)
+                              section.dropout, section.targets, section.mask_embedding)
     fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),
                                         inputs.data_fingerprint)
-    compute = ic_step(inputs, section.stride, 0.0, opt.seed, opt.micro_batch_size,
-                      opt.grad_accum, world, cfg.ic.random_block_offset)
+    curriculum = Curriculum([Phase(stride=section.stride, alpha=0.0, steps=steps)], [steps])
+    compute = ic_step(inputs, curriculum, opt.seed, opt.micro_batch_size, opt.grad_accum,
+                      world, cfg.ic.random_block_offset, opt.pack_width)
     job = TrainJob("lora", model, compute, opt, steps, cfg.out("lora", "checkpoints"),
                    fingerprint, device, stop_after)
     result = train(job)

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from idlm.config import Optimisation, resolve_path
+from idlm.config import TrainSettings, resolve_path
 from idlm.training import distributed
 
 # compute(model, step, micro, rank) -> (loss, stats for logging, tokens in the micro-batch)
 StepFn = Callable[[torch.nn.Module, int, int, int], tuple[torch.Tensor, dict[str, float], int]]
+# after_step(model, steps done) -> extra metrics to log (e.g. at a curriculum phase's end)
+AfterStepFn = Callable[[torch.nn.Module, int], dict[str, float] | None]
 
 
 @dataclass
@@ -31,12 +33,13 @@ class TrainJob:
     name: str
     model: torch.nn.Module
     compute: StepFn
-    opt: Optimisation
+    opt: TrainSettings
     total_steps: int
     checkpoint_dir: Path
     fingerprint: str
     device: str = "cpu"
     stop_after: int | None = None  # testing/debugging: stop early, as a kill would
+    after_step: AfterStepFn | None = None
 
 
 @dataclass
@@ -51,16 +54,18 @@ class TrainResult:
 class _StepModule(torch.nn.Module):
     """What the engine wraps: the model plus how one micro-batch's loss is computed."""
 
-    def __init__(self, model: torch.nn.Module, compute: StepFn) -> None:
+    def __init__(self, model: torch.nn.Module, compute: StepFn, autocast: bool = False) -> None:
         super().__init__()
         self.model = model
         self.compute = compute
+        self.autocast = autocast
 
     def forward(self, step: int, micro: int, rank: int):  # noqa: ANN201
-        return self.compute(self.model, step, micro, rank)
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
+            return self.compute(self.model, step, micro, rank)
 
 
-def deepspeed_config(opt: Optimisation, total_steps: int, device: str) -> dict[str, Any]:
+def deepspeed_config(opt: TrainSettings, total_steps: int, device: str) -> dict[str, Any]:
     path = resolve_path(opt.deepspeed)
     ds = json.loads(path.read_text())
     ds["train_micro_batch_size_per_gpu"] = opt.micro_batch_size
@@ -75,13 +80,13 @@ def deepspeed_config(opt: Optimisation, total_steps: int, device: str) -> dict[s
         "total_num_steps": total_steps,
         "warmup_num_steps": max(1, round(opt.warmup_ratio * total_steps)),
         "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio, "warmup_type": "linear"}}
-    if opt.bf16:
-        ds["bf16"] = {"enabled": True}
+    if opt.bf16 is True and device.startswith("cuda"):
+        ds["bf16"] = {"enabled": True}  # on CPUs bf16 is autocast (see cpu_autocast)
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
-def zero3_loading(opt: Optimisation, total_steps: int, device: str) -> Any:
+def zero3_loading(opt: TrainSettings, total_steps: int, device: str) -> Any:
     """With ZeRO-3, models must be *loaded* partitioned (a 32B model does not fit whole on
     every rank): transformers does that while a HfDeepSpeedConfig is alive. Hold the
     returned object until training ends; None for ZeRO 0-2."""
@@ -182,10 +187,14 @@ def train(job: TrainJob) -> TrainResult:
     """Run (or resume) one training job to ``total_steps``; returns the live engine."""
     import deepspeed
 
+    from idlm.training.precision import cpu_autocast, probe_pass
+
     rank, _world = distributed.init(job.device)
     _prepare_checkpoint_dir(job, rank)
     torch.manual_seed(job.opt.seed)
-    module = _StepModule(job.model, job.compute)
+    autocast = cpu_autocast(job.opt.bf16, job.device, job.checkpoint_dir,
+                            probe_pass(job.model, job.compute, rank), rank)
+    module = _StepModule(job.model, job.compute, autocast)
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, model_parameters=trainable,
@@ -200,14 +209,18 @@ def train(job: TrainJob) -> TrainResult:
         for micro in range(job.opt.grad_accum):
             loss, stats, tokens = engine(step, micro, rank)
             engine.backward(loss)
+            norm = _grad_norm(engine, trainable) if micro == job.opt.grad_accum - 1 else None
             engine.step()
-            window.add(stats, tokens)
+            window.add(stats if norm is None else {**stats, "grad_norm": norm}, tokens)
         done = step + 1
-        if done % job.opt.log_every == 0 or done == job.total_steps:
-            entry = {"step": done, "lr": float(scheduler.get_last_lr()[0]), **window.flush()}
+        extra = job.after_step(job.model, done) if job.after_step else None
+        if done % job.opt.log_every == 0 or done == job.total_steps or extra:
+            entry = {"step": done, "lr": float(scheduler.get_last_lr()[0]), **window.flush(),
+                     **(extra or {})}
             log.add(entry)
             if bar is None and rank == 0:
-                shown = " ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "step")
+                shown = " ".join(f"{k}={v:.4g}" for k, v in entry.items()
+                                 if k != "step" and isinstance(v, float | int))
                 print(f"[{job.name}] step {done}/{job.total_steps} {shown}", flush=True)
         if bar is not None:
             bar.update(1)
@@ -220,6 +233,16 @@ def train(job: TrainJob) -> TrainResult:
     seconds = max(time.perf_counter() - began, 1e-9)
     return TrainResult(engine, step, step >= job.total_steps, log.history,
                        window.total_tokens / seconds)
+
+
+def _grad_norm(engine: Any, trainable: list[torch.nn.Parameter]) -> float:
+    """The pre-clipping gradient norm of the step (DeepSpeed's own where it keeps one;
+    ZeRO-0 on CPU does not, and there every rank holds the whole, reduced gradient)."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [p.grad for p in trainable if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def trained_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,60 @@
+"""bf16 autocast on CPUs, decided by measurement on the machine at hand.
+
+On a CPU with AMX a bf16 matmul is several times faster than fp32; on one without, it is
+slower. A profile cannot know which machine it lands on, so ``bf16: auto`` times a few
+forward + backward passes of the run's own first micro-batch both ways and keeps the
+faster. Weights, optimizer state and checkpoints stay fp32 either way; the choice is
+written next to the checkpoints so a resumed run continues with the same numerics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CHOICE_FILE = "precision.json"
+TIMED_PASSES = 3
+
+
+def cpu_autocast(setting: bool | str, device: str, checkpoint_dir: Path,
+                 timed_pass: Callable[[bool], None], rank: int) -> bool:
+    """Whether the run computes under bf16 autocast (CPU only; GPUs use DeepSpeed's bf16)."""
+    if setting is False or device.startswith("cuda"):
+        return False
+    if setting is True:
+        return True
+    record = checkpoint_dir / CHOICE_FILE
+    if record.is_file():
+        return bool(json.loads(record.read_text())["bf16"])
+    seconds = {bf16: _time(timed_pass, bf16) for bf16 in (False, True)}
+    choice = seconds[True] < seconds[False]
+    if rank == 0:
+        record.write_text(json.dumps({"bf16": choice, "seconds_per_pass": {
+            "fp32": seconds[False], "bf16": seconds[True]}}))
+        print(f"[precision] fp32 {seconds[False]:.3f} s/pass, bf16 autocast "
+              f"{seconds[True]:.3f} s/pass: training in {'bf16' if choice else 'fp32'}",
+              flush=True)
+    return choice
+
+
+def _time(timed_pass: Callable[[bool], None], bf16: bool) -> float:
+    timed_pass(bf16)  # warm-up: kernels, allocator
+    started = time.perf_counter()
+    for _ in range(TIMED_PASSES):
+        timed_pass(bf16)
+    return (time.perf_counter() - started) / TIMED_PASSES
+
+
+def probe_pass(model: torch.nn.Module, compute: Callable, rank: int) -> Callable[[bool], None]:
+    """One forward + backward of micro-batch (step 0, micro 0); gradients are discarded."""
+    def run(bf16: bool) -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _, _ = compute(model, 0, 0, rank)
+        loss.backward()
+        for param in model.parameters():
+            param.grad = None
+    return run

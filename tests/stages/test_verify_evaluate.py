@@ -46,6 +46,24 @@ def test_verify_is_lossless_and_writes_report_metrics_plot(trained: dict, verifi
     assert json.loads((out / "metrics.json").read_text()) == verified
 
 
+def test_verify_reports_tpf_and_acceptance_per_prompt_kind(trained: dict, verified: dict
+                                                           ) -> None:
+    cfg = _cfg(trained)
+    kinds = verify_stage.item_kinds(verify_stage.held_out_items(cfg, cfg.verify.prompts))
+    report = json.loads(cfg.out("verify", "report.json").read_text())
+    for mode in ("isd", "risd"):
+        for sweep in report[f"acceptance_{mode}"]["strides"].values():
+            by_kind = sweep["by_kind"]
+            assert {k: v["prompts"] for k, v in by_kind.items()} == {
+                k: kinds.count(k) for k in set(kinds)}
+            for total in ("tokens", "forwards"):
+                assert sum(v[total] for v in by_kind.values()) == sweep["decoding"][total]
+            assert sweep["formula"]["tokens_per_forward"] is not None
+    for kind in set(kinds):
+        assert verified[f"tpf_n4_{kind}"] == verified["isd_n4"]["tokens_per_forward_by_kind"][kind]
+    assert 1.0 <= verified["tpf_formula_n4"] <= 4.0
+
+
 def test_verify_names_the_missing_adapter_before_loading(trained: dict,
                                                          tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"

@@ -9,7 +9,8 @@
   continuations against the *exact* AR probabilities of the same model (teacher-forced),
   for ISD / R-ISD and, as the test's own calibration, for AR sampling.
 * :func:`acceptance_sweep`: TPF, per-position acceptance and round kinds for several
-  strides, plus the teacher-forced introspective acceptance.
+  strides, overall and per prompt kind, the TPF that DESIGN.md's formula predicts from
+  the measured acceptance, and the teacher-forced introspective acceptance.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from idlm.decoding.engine import DecodingEngine, clean_logits, decoder_parts
 from idlm.decoding.introspection import introspective_acceptance
 from idlm.decoding.requests import GenerationRequest, SamplingParams
 from idlm.decoding.sampling import warp_probs
-from idlm.decoding.stats import aggregate
+from idlm.decoding.stats import RequestStats, aggregate, expected_tokens_per_forward
 
 MAX_REPORTED_MISMATCHES = 20
 # The checks whose failure fails the verify stage.
@@ -214,8 +215,15 @@ def total_variation(counts: Counter, exact: dict[tuple[int, ...], float], sample
 def acceptance_sweep(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                      mask_token_id: int, strides: Sequence[int] = (2, 3, 4),
                      max_new_tokens: int = 64, max_batch_size: int = 64,
-                     stop_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
-    """Greedy TPF / acceptance per position / round kinds per stride, and introspection."""
+                     stop_token_ids: Sequence[int] | None = None,
+                     kinds: Sequence[str] | None = None) -> dict[str, Any]:
+    """Greedy TPF / acceptance per position / round kinds per stride, and introspection.
+
+    With ``kinds`` (one per prompt) each stride also gets ``by_kind``: the same figures
+    from the same requests, grouped by kind, so they add back up to the overall ones.
+    """
+    if kinds is not None and len(kinds) != len(prompts):
+        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
     stops = None if stop_token_ids is None else tuple(stop_token_ids)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stops)
     engine = DecodingEngine(model, mask_token_id, max_batch_size=max_batch_size)
@@ -226,12 +234,51 @@ def acceptance_sweep(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     for stride in strides:
         results = engine.generate([GenerationRequest(list(p), "isd", stride, sampling)
                                    for p in prompts])
-        report["strides"][str(stride)] = {
-            "decoding": aggregate(r.stats for r in results),
+        decoding = aggregate(r.stats for r in results)
+        sweep = report["strides"][str(stride)] = {
+            "decoding": decoding, "formula": formula_check(decoding, stride),
             "introspective_acceptance": introspective_acceptance(
                 model, sequences, prompt_lengths, stride, mask_token_id,
                 engine.pad_token_id)}
+        if kinds is not None:
+            sweep["by_kind"] = by_kind([r.stats for r in results], kinds, stride)
     return report
+
+
+def by_kind(stats: Sequence[RequestStats], kinds: Sequence[str], stride: int
+            ) -> dict[str, dict[str, Any]]:
+    """TPF and conditional acceptance per prompt kind (totals per kind, not mean ratios)."""
+    groups: dict[str, list[RequestStats]] = {}
+    for item, kind in zip(stats, kinds, strict=True):
+        groups.setdefault(kind, []).append(item)
+    figures = {}
+    for kind, group in sorted(groups.items()):
+        total = aggregate(group)
+        figures[kind] = {"prompts": total["requests"],
+                         "tokens_per_forward": total["tokens_per_forward"],
+                         "acceptance": total["acceptance"], "tokens": total["tokens"],
+                         "forwards": total["forwards"], "tried": total["tried"],
+                         "accepted": total["accepted"],
+                         "formula": formula_check(total, stride)}
+    return figures
+
+
+def formula_check(decoding: dict[str, Any], stride: int) -> dict[str, float | None]:
+    """Measured TPF against DESIGN.md's i.i.d. formula at the measured acceptance ``p``.
+
+    ``p`` pools every tried draft (accepted / tried over all positions): under the
+    formula's own assumption every position accepts with the same ``p``, and pooling is
+    that ``p``'s maximum-likelihood estimate. A ratio far from 1 means acceptance is not
+    i.i.d. across positions (or rounds end early at the token budget or a stop token).
+    """
+    tried, accepted = sum(decoding["tried"]), sum(decoding["accepted"])
+    if not tried:  # no verify round ran: nothing to estimate p from
+        return {"mean_acceptance": None, "tokens_per_forward": None,
+                "measured_over_formula": None}
+    mean_acceptance = accepted / tried
+    predicted = expected_tokens_per_forward(mean_acceptance, stride)
+    return {"mean_acceptance": mean_acceptance, "tokens_per_forward": predicted,
+            "measured_over_formula": decoding["tokens_per_forward"] / predicted}
 
 
 def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
@@ -241,9 +288,12 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
                exactness_prompts: int = 4, samples: int = 2000, continuation: int = 4,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                significance: float = 0.01, max_batch_size: int = 64,
-               compare_transformers: bool = True,
+               compare_transformers: bool = True, kinds: Sequence[str] | None = None,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every check of the ``verify`` stage; ``passed`` gates (argmax proposals only inform)."""
+    """Every check of the ``verify`` stage; ``passed`` gates (argmax proposals only inform).
+
+    ``kinds`` (one per prompt) splits the acceptance sweeps by prompt kind.
+    """
     common = {"max_new_tokens": max_new_tokens, "stop_token_ids": stop_token_ids,
               "max_batch_size": max_batch_size}
     law = {"stride": stride, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -262,9 +312,9 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
         "exactness_isd_argmax_proposal": lambda: exactness_check(
             ic_model, few, mask_token_id, proposal="argmax", **law),
         "acceptance_isd": lambda: acceptance_sweep(ic_model, prompts, mask_token_id, strides,
-                                                   **common),
+                                                   kinds=kinds, **common),
         "acceptance_risd": lambda: acceptance_sweep(risd_model, prompts, mask_token_id,
-                                                    strides, **common),
+                                                    strides, kinds=kinds, **common),
     }
     log = log or _stderr
     report: dict[str, Any] = {}

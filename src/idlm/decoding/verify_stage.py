@@ -3,9 +3,11 @@
 Three models are loaded through :func:`idlm.decoding.loading.load_engine`, exactly as
 ``idlm generate`` and the evaluation load them: the IC model (ISD), the base (AR reference)
 and the base with the gated adapter (R-ISD). Prompts are the held-out items of ``prepare``
-rendered with the chat template. Every check runs even when an earlier one fails; the
-report and metrics are written first, then the stage fails (non-zero exit) if any gating
-check failed, so DVC records nothing as done and the flow shows which check missed.
+rendered with the chat template; each keeps its ``kind`` so TPF and acceptance are also
+reported per kind (which prompts the model drafts well). Every check runs even when an
+earlier one fails; the report and metrics are written first, then the stage fails
+(non-zero exit) if any gating check failed, so DVC records nothing as done and the flow
+shows which check missed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from idlm.config import Config
 from idlm.stage import StageError, write_json_atomic
 
 REPORT, METRICS, PLOT = "report.json", "metrics.json", "acceptance.png"
+MODES = ("isd", "risd")
 
 
 def model_dirs(cfg: Config) -> dict[str, tuple[Path, Path | None]]:
@@ -34,19 +37,35 @@ def model_dirs(cfg: Config) -> dict[str, tuple[Path, Path | None]]:
     return systems
 
 
-def chat_prompts(cfg: Config, tokenizer: Any, count: int, thinking: bool = True
-                 ) -> list[list[int]]:
-    """The first ``count`` held-out items as chat-template token ids (generation prompt on)."""
-    from idlm.benchmarks.backends import render_prompt
+def held_out_items(cfg: Config, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` held-out items of ``prepare`` (cycled when there are fewer)."""
     from idlm.data.prepare import load_eval_items
 
     items = load_eval_items(cfg)
     if not items:
         raise StageError(f"{cfg.out('prepare', 'eval_items.jsonl')} is empty: rerun "
                          "`dvc repro prepare` with prepare.synthetic.eval_size > 0")
-    chosen = [items[i % len(items)] for i in range(count)]
+    return [items[i % len(items)] for i in range(count)]
+
+
+def item_kinds(items: list[dict[str, Any]]) -> list[str]:
+    """Each item's prompt kind; items from before kinds were recorded count as one kind."""
+    return [str(item.get("kind") or "unknown") for item in items]
+
+
+def render_chat(tokenizer: Any, items: list[dict[str, Any]], thinking: bool = True
+                ) -> list[list[int]]:
+    """Items as chat-template token ids (generation prompt on)."""
+    from idlm.benchmarks.backends import render_prompt
+
     return [tokenizer(render_prompt(tokenizer, item["messages"], thinking),
-                      add_special_tokens=False)["input_ids"] for item in chosen]
+                      add_special_tokens=False)["input_ids"] for item in items]
+
+
+def chat_prompts(cfg: Config, tokenizer: Any, count: int, thinking: bool = True
+                 ) -> list[list[int]]:
+    """The first ``count`` held-out items as chat-template token ids (generation prompt on)."""
+    return render_chat(tokenizer, held_out_items(cfg, count), thinking)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -64,7 +83,8 @@ def run(cfg: Config) -> dict[str, Any]:
     reference = engines["ar"]
     if reference.tokenizer is None:
         raise StageError(f"{systems['ar'][0]} has no tokenizer: rerun `dvc repro base`")
-    prompts = chat_prompts(cfg, reference.tokenizer, settings.prompts)
+    items = held_out_items(cfg, settings.prompts)
+    prompts = render_chat(reference.tokenizer, items)
     exact = settings.exactness
     report = verify_all(
         engines["isd"].model, reference.model, engines["risd"].model, prompts,
@@ -74,14 +94,14 @@ def run(cfg: Config) -> dict[str, Any]:
         continuation=exact.continuation, temperature=exact.temperature, top_k=exact.top_k,
         top_p=exact.top_p, significance=exact.significance,
         max_batch_size=settings.max_batch_size,
-        compare_transformers=settings.compare_transformers)
+        compare_transformers=settings.compare_transformers, kinds=item_kinds(items))
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["device"] = device
     out = cfg.out("verify")
     write_json_atomic(out / REPORT, report)
     metrics = summary(report, settings.stride)
     write_json_atomic(out / METRICS, metrics)
-    plot_acceptance(report, out / PLOT)
+    plot_acceptance(report, out / PLOT, settings.stride)
     if not report["passed"]:
         raise StageError(f"verify failed: {', '.join(report['failed_checks'])} "
                          f"(details in {out / REPORT})")
@@ -93,33 +113,66 @@ def summary(report: dict[str, Any], stride: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {"passed": report["passed"],
                                "failed_checks": report["failed_checks"],
                                "seconds": report["seconds"]}
-    for mode in ("isd", "risd"):
-        lossless = report[f"lossless_{mode}"]
-        metrics[f"lossless_{mode}"] = {"mismatches": lossless["mismatches"],
-                                       "prompts": lossless["prompts"],
-                                       "tokens_compared": lossless["tokens_compared"]}
-        exact = report[f"exactness_{mode}"]
-        metrics[f"exactness_{mode}"] = {"p_value": exact[mode]["p_value"] if mode in exact
-                                        else exact["isd"]["p_value"],
-                                        "ar_p_value": exact["ar"]["p_value"]}
+    for mode in MODES:
+        metrics.update(_check_metrics(report, mode))
         for key, sweep in report[f"acceptance_{mode}"]["strides"].items():
-            decoding = sweep["decoding"]
-            metrics[f"{mode}_n{key}"] = {
-                "tokens_per_forward": decoding.get("tokens_per_forward"),
-                "acceptance_per_position": decoding.get("acceptance"),
-                "introspective_acceptance": _introspective(sweep)}
+            metrics[f"{mode}_n{key}"] = _stride_metrics(sweep)
     metrics["tokens_per_forward"] = metrics[f"isd_n{stride}"]["tokens_per_forward"]
     metrics["introspective_acceptance"] = metrics[f"isd_n{stride}"]["introspective_acceptance"]
     metrics["risd_tokens_per_forward"] = metrics[f"risd_n{stride}"]["tokens_per_forward"]
+    metrics.update(_serving_metrics(report, stride))
     return metrics
+
+
+def _check_metrics(report: dict[str, Any], mode: str) -> dict[str, Any]:
+    lossless, exact = report[f"lossless_{mode}"], report[f"exactness_{mode}"]
+    return {f"lossless_{mode}": {"mismatches": lossless["mismatches"],
+                                 "prompts": lossless["prompts"],
+                                 "tokens_compared": lossless["tokens_compared"]},
+            f"exactness_{mode}": {"p_value": exact[mode]["p_value"] if mode in exact
+                                  else exact["isd"]["p_value"],
+                                  "ar_p_value": exact["ar"]["p_value"]}}
+
+
+def _stride_metrics(sweep: dict[str, Any]) -> dict[str, Any]:
+    decoding, formula = sweep["decoding"], sweep.get("formula") or {}
+    return {"tokens_per_forward": decoding.get("tokens_per_forward"),
+            "acceptance_per_position": decoding.get("acceptance"),
+            "introspective_acceptance": _introspective(sweep),
+            "tokens_per_forward_formula": formula.get("tokens_per_forward"),
+            "measured_over_formula": formula.get("measured_over_formula"),
+            "tokens_per_forward_by_kind": {kind: figures["tokens_per_forward"] for kind, figures
+                                           in (sweep.get("by_kind") or {}).items()}}
+
+
+def _serving_metrics(report: dict[str, Any], stride: int) -> dict[str, Any]:
+    """Flat keys at the serving stride (``tpf_n4_code``): DVC's metric diff shows them as is."""
+    flat: dict[str, Any] = {}
+    for mode in MODES:
+        prefix = "" if mode == "isd" else f"{mode}_"
+        sweep = report[f"acceptance_{mode}"]["strides"][str(stride)]
+        formula = sweep.get("formula") or {}
+        flat[f"{prefix}tpf_formula_n{stride}"] = formula.get("tokens_per_forward")
+        flat[f"{prefix}tpf_over_formula_n{stride}"] = formula.get("measured_over_formula")
+        for kind, figures in (sweep.get("by_kind") or {}).items():
+            flat[f"{prefix}tpf_n{stride}_{kind}"] = figures["tokens_per_forward"]
+    return flat
 
 
 def _introspective(sweep: dict[str, Any]) -> float | None:
     return (sweep.get("introspective_acceptance") or {}).get("mean")
 
 
-def plot_acceptance(report: dict[str, Any], path: Path) -> Path:
-    """Acceptance per draft position, one line per (mode, stride): where drafts fail."""
+def _rates(figures: dict[str, Any]) -> list[float]:
+    return [r if r is not None else float("nan") for r in figures.get("acceptance") or []]
+
+
+def plot_acceptance(report: dict[str, Any], path: Path, stride: int | None = None) -> Path:
+    """Acceptance per draft position, one line per (mode, stride): where drafts fail.
+
+    With ``stride`` and per-kind figures, a second panel shows that stride per prompt kind
+    (ISD solid, R-ISD dashed, one colour per kind): which prompts the model drafts well.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,24 +180,54 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> Path:
 
     from idlm.plots import save_figure
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for mode, style in (("isd", "-o"), ("risd", "--s")):
+    by_kind = stride is not None and any(
+        report[f"acceptance_{mode}"]["strides"].get(str(stride), {}).get("by_kind")
+        for mode in MODES)
+    panels = 2 if by_kind else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    _plot_strides(axes[0][0], report)
+    if by_kind:
+        _plot_kinds(axes[0][1], report, stride)
+    figure.tight_layout()
+    return save_figure(figure, path, dpi=120)
+
+
+def _plot_strides(axis: Any, report: dict[str, Any]) -> None:
+    longest = 1
+    for mode, style in zip(MODES, ("-o", "--s"), strict=True):
         for key, sweep in report[f"acceptance_{mode}"]["strides"].items():
-            rates = [r if r is not None else float("nan")
-                     for r in sweep["decoding"].get("acceptance") or []]
+            rates = _rates(sweep["decoding"])
             tpf = sweep["decoding"].get("tokens_per_forward") or 0.0
             axis.plot(range(1, len(rates) + 1), rates, style,
                       label=f"{mode.upper()} N={key} (TPF {tpf:.2f})")
-    longest = max((len(sweep["decoding"].get("acceptance") or [])
-                   for mode in ("isd", "risd")
-                   for sweep in report[f"acceptance_{mode}"]["strides"].values()), default=1)
-    axis.set_xticks(range(1, longest + 1))
-    axis.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1.02),
-             title="Draft acceptance per position (greedy)")
+            longest = max(longest, len(rates))
+    _style(axis, longest, "Draft acceptance per position (greedy)")
+
+
+def _plot_kinds(axis: Any, report: dict[str, Any], stride: int) -> None:
+    import matplotlib.pyplot as plt
+
+    sweeps = {mode: report[f"acceptance_{mode}"]["strides"].get(str(stride), {})
+              for mode in MODES}
+    kinds = sorted({kind for sweep in sweeps.values() for kind in sweep.get("by_kind") or {}})
+    colours = plt.get_cmap("tab10")
+    for mode, style in zip(MODES, ("-o", "--s"), strict=True):
+        for index, kind in enumerate(kinds):
+            figures = (sweeps[mode].get("by_kind") or {}).get(kind)
+            if figures is None:
+                continue
+            rates = _rates(figures)
+            axis.plot(range(1, len(rates) + 1), rates, style, color=colours(index % 10),
+                      label=f"{mode.upper()} {kind} (TPF {figures['tokens_per_forward']:.2f},"
+                            f" n={figures['prompts']})")
+    _style(axis, stride - 1, f"Per prompt kind at N={stride}")
+
+
+def _style(axis: Any, positions: int, title: str) -> None:
+    axis.set_xticks(range(1, positions + 1))
+    axis.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1.02), title=title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return save_figure(figure, path, dpi=120)
+    axis.legend(fontsize=7)
 
 
 def inference_device() -> str:

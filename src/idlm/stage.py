@@ -63,7 +63,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. ic.phases.0.train.lr=1e-4")
+                   help="config overrides, e.g. ic.train.lr=1e-4")
     return p
 
 

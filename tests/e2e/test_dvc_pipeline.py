@@ -33,10 +33,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy(source, root / name)
     for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         assert _run(args, root).returncode == 0
-    small = [o for o in SMALL if not o.startswith("ic.phases.2")]
+    small = [o for o in SMALL if not o.startswith("ic.phases.")]
     used = _run(["idlm", "config", "use", "tiny", *small, *DOWNSTREAM,
-                 "ic.phases=[{stride: 2}, {stride: 3}]",
-                 "ic.phases.0.train.steps=4", "ic.phases.1.train.steps=4"], root)
+                 "ic.phases=[{stride: 2, steps: 4}, {stride: 3, steps: 4}]"], root)
     assert used.returncode == 0, used.stderr
     return root
 

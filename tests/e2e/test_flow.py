@@ -40,8 +40,10 @@ FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
         "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
         "model.tiny.num_hidden_layers=2", "base.train.steps=6", "base.train.log_every=2",
         "base.train.checkpoint_every=3", "base.train.micro_batch_size=8",
-        *[f"ic.phases.{i}.train.{key}" for i in range(3) for key in
-          ("steps=1", "log_every=1", "checkpoint_every=1", "micro_batch_size=8")],
+        *[f"ic.phases.{i}.steps=1" for i in range(3)], "base.train.bf16=false",
+        "ic.train.log_every=1", "ic.train.checkpoint_every=1", "ic.train.micro_batch_size=8",
+        "ic.train.bf16=false", "lora.train.bf16=false", "base.accuracy_items=1",
+        "ic.accuracy_items=1",
         "lora.rank=4", "lora.train.steps=2", "lora.train.log_every=1",
         "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8",
         # dvc's (Hydra's) `key={}` merges into a mapping instead of replacing it; `~key`

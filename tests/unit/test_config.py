@@ -25,7 +25,7 @@ def test_paper_settings_in_the_8b_profile() -> None:
     cfg = config.load_profile("qwen3-8b")
     assert cfg.model.mask_token_id == 151669 and cfg.model.dtype == "bfloat16"
     assert [p.alpha for p in cfg.ic.phases] == [0.2, "auto"]
-    assert cfg.ic.phases[0].train.lr == 1e-5 and cfg.ic.phases[0].train.epochs == 1.0
+    assert cfg.ic.train.lr == 1e-5 and cfg.ic.phases[0].epochs == 1.0
     assert cfg.lora.rank == 128 and cfg.lora.targets == "all-linear"
 
 
@@ -34,9 +34,10 @@ def test_params_yaml_is_the_resolved_tiny_profile() -> None:
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("ic.phases.0.train.lrr=1", "unknown key 'ic.phases.0.train.lrr'"),
+    ("ic.train.lrr=1", "unknown key 'ic.train.lrr'"),
+    ("ic.phases.0.train={}", "unknown key 'ic.phases.0.train'"),
     ("ic.phases.0.stride=x", "key 'ic.phases.0.stride'"),
-    ("ic.phases.0.stride=9", "key 'ic.phases.0.stride'"),
+    ("ic.phases.0.stride=17", "key 'ic.phases.0.stride'"),
     ("lora.train.deepspeed=configs/deepspeed/nope.json", "'configs/deepspeed/nope.json' not found"),
     ("prepare.dataset.name_or_path=./no/such/data", "'./no/such/data' not found"),
 ])
@@ -52,9 +53,14 @@ def test_steps_or_epochs_exactly_one() -> None:
         config.load(REPO / "params.yaml", ["base.train.epochs=1"])
 
 
+def test_phases_give_steps_or_epochs_alike() -> None:
+    with pytest.raises(config.ConfigError, match="every phase 'steps' or every phase 'epochs'"):
+        config.load(REPO / "params.yaml", ["ic.phases.0.steps=null", "ic.phases.0.epochs=1"])
+
+
 def test_overrides_reach_nested_lists() -> None:
-    cfg = config.load(REPO / "params.yaml", ["ic.phases.1.train.lr=5e-4", "seed=3"])
-    assert cfg.ic.phases[1].train.lr == 5e-4 and cfg.seed == 3
+    cfg = config.load(REPO / "params.yaml", ["ic.phases.1.steps=7", "seed=3"])
+    assert cfg.ic.phases[1].steps == 7 and cfg.seed == 3
 
 
 def test_missing_or_broken_files(tmp_path: Path) -> None:

@@ -138,13 +138,13 @@ def workspace(tmp_path: Path) -> Path:
 def test_overrides_edit_params_yaml_as_dvc_exp_run_does(workspace: Path) -> None:
     path = workspace / "params.yaml"
     before = yaml.safe_load(path.read_text())
-    cfg = prepare_params(workspace, None, ["lora.rank=8", "ic.phases.0.train.lr=0.01",
+    cfg = prepare_params(workspace, None, ["lora.rank=8", "ic.train.lr=0.01",
                                            "lora.targets=[q_proj,v_proj]"])
     after = yaml.safe_load(path.read_text())
-    assert (cfg.lora.rank, cfg.ic.phases[0].train.lr) == (8, 0.01)
+    assert (cfg.lora.rank, cfg.ic.train.lr) == (8, 0.01)
     assert after["lora"]["targets"] == ["q_proj", "v_proj"]
     after["lora"].update(rank=before["lora"]["rank"], targets=before["lora"]["targets"])
-    after["ic"]["phases"][0]["train"]["lr"] = before["ic"]["phases"][0]["train"]["lr"]
+    after["ic"]["train"]["lr"] = before["ic"]["train"]["lr"]
     assert after == before  # nothing else changed
     assert path.read_text().startswith("# Active config")  # DVC's editor keeps comments
 

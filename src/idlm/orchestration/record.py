@@ -1,7 +1,7 @@
 """What a stage's MLflow child run holds, read from the files the stage declares in dvc.yaml.
 
 - params: the stage's resolved config keys that DVC tracks for it (its own section and
-  the shared keys it lists), flattened (``ic.phases.0.train.lr``);
+  the shared keys it lists), flattened (``ic.train.lr``);
 - metrics: every number in its metrics files, plus each JSON plot file (``history.json``)
   as curves, stepped by the plot's ``x`` key;
 - artifacts: metrics JSON, plot files (PNG), outputs up to ``artifact_max_bytes`` (an

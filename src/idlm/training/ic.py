@@ -108,9 +108,13 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
         return {"finished": False, "steps": result.steps_done}
     state = trained_state_dict(result.engine)  # gathered on every rank (ZeRO-3 shards)
     summary = _summary(curriculum, result.history, checkpoints, result.tokens_per_second)
+    # Each log line names its phase: MLflow then draws one curve per phase.
+    history = [{**entry, "phase": phase_name(index, curriculum.phases[index])}
+               for entry in result.history
+               for index in [curriculum.index_at(int(entry["step"]) - 1)]]
     if rank == 0:
         common.save_model(model, inputs.tokenizer, cfg.out("ic", "model"), state_dict=state)
-        _finish(cfg, summary, result.history)
+        _finish(cfg, summary, history)
     distributed.barrier()
     return summary
 
@@ -154,6 +158,7 @@ def _summary(curriculum: Curriculum, history: list[dict[str, Any]], checkpoints:
 def _finish(cfg: Config, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
     from idlm.plots import loss_curves
 
+    numeric = [{k: v for k, v in e.items() if k != "phase"} for e in history]
     metrics: dict[str, Any] = {
         "phases": {p["phase"]: {k: v for k, v in p.items() if k != "phase"}
                    for p in summary["phases"]},
@@ -163,5 +168,5 @@ def _finish(cfg: Config, summary: dict[str, Any], history: list[dict[str, Any]])
         k: v for k, v in last.items() if k.startswith(("heldout_", "accuracy_"))})
     write_json_atomic(cfg.out("ic", "metrics.json"), metrics)
     write_json_atomic(cfg.out("ic", "history.json"), history)
-    loss_curves({"ic": history}, ["mask_ce", "clean_ce", "alpha", "grad_norm", "lr", "stride"],
+    loss_curves({"ic": numeric}, ["mask_ce", "clean_ce", "alpha", "grad_norm", "lr", "stride"],
                 cfg.out("ic", "loss.png"), "ic: introspective-consistency curriculum")

@@ -44,8 +44,10 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, mask_token_id: int,
                              add_special_tokens=False)["input_ids"] for s in samples]
         results = engine.generate([GenerationRequest(ids, mode="ar", stride=1, sampling=sampling)
                                    for ids in prompts])
-        correct = sum(bool(benchmark.score(r.text or "", s).correct)
-                      for r, s in zip(results, samples, strict=True))
+        # Decoded as evaluate's engine backend does (the stop token is not answer text).
+        texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
+        correct = sum(bool(benchmark.score(text, s).correct)
+                      for text, s in zip(texts, samples, strict=True))
         scores[f"accuracy_{kind}"] = correct / len(samples)
     model.train(was_training)
     return scores

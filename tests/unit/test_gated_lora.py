@@ -146,9 +146,10 @@ def test_fresh_adapter_equals_base_at_every_position() -> None:
     assert not isinstance(gated.get_base_model().lm_head, GatedLinear)
 
 
-def test_training_changes_mask_rows_only(trained) -> None:
-    gated, reference_base, params_with_grads = trained
-    # Plain causal call (MASKs only at the tail, so no clean row sees one) and the IC route.
+def assert_mask_rows_only_differ(gated: torch.nn.Module, reference_base: torch.nn.Module
+                                 ) -> None:
+    """Non-MASK rows bit-identical to the base, MASK rows not: by a plain causal call (MASKs
+    only at the tail, so no clean row sees one), the IC route and PEFT's own call."""
     tail, ic = batch_with_masks(7, middle_run=False), batch_with_masks(8)
     with torch.no_grad():
         checks = [
@@ -160,6 +161,11 @@ def test_training_changes_mask_rows_only(trained) -> None:
         is_mask = gate_from_token_ids(token_ids, MASK_TOKEN_ID)
         assert torch.equal(logits[~is_mask], expected[~is_mask])
         assert (logits[is_mask] - expected[is_mask]).abs().amax() > 1e-3
+
+
+def test_training_changes_mask_rows_only(trained) -> None:
+    gated, reference_base, params_with_grads = trained
+    assert_mask_rows_only_differ(gated, reference_base)
     assert params_with_grads and all(".lora_" in name for name in params_with_grads)
     reference_weights = reference_base.state_dict()
     for name, weight in gated.get_base_model().state_dict().items():
@@ -307,17 +313,7 @@ def test_mask_embedding_delta_changes_mask_rows_only() -> None:
     reference_base, gated = tiny_base(), gated_with_delta()
     trainable = [n for n, p in gated.named_parameters() if p.requires_grad]
     assert "base_model.model.model.idlm_mask_embedding.delta" in trainable
-    tail, ic = batch_with_masks(7, middle_run=False), batch_with_masks(8)
-    with torch.no_grad():
-        checks = [
-            (tail, logits_of(gated, tail), logits_of(reference_base, tail)),
-            (ic, decoder_logits(gated, ic), decoder_logits(reference_base, ic)),
-            (ic, peft_call_logits(gated, ic), decoder_logits(reference_base, ic)),
-        ]
-    for token_ids, logits, expected in checks:
-        is_mask = gate_from_token_ids(token_ids, MASK_TOKEN_ID)
-        assert torch.equal(logits[~is_mask], expected[~is_mask])
-        assert (logits[is_mask] - expected[is_mask]).abs().amax() > 1e-3
+    assert_mask_rows_only_differ(gated, reference_base)
 
 
 def test_mask_embedding_delta_follows_the_explicit_gate() -> None:

@@ -1,8 +1,8 @@
 """DVC stage `ic`.
 
 Introspective-consistency training over a stride curriculum (N=2 then N=3 by default;
-tiny: then N=4) as one DeepSpeed run: one optimizer and one schedule, a phase changes
-only the stride and alpha.
+tiny: then N=4) as one DeepSpeed run: one optimizer and one schedule; a curriculum phase
+changes only the stride and alpha.
 """
 
 import sys

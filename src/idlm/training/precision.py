@@ -31,7 +31,7 @@ def cpu_autocast(setting: bool | str, device: str, checkpoint_dir: Path,
     if record.is_file():
         return bool(json.loads(record.read_text())["bf16"])
     seconds = {bf16: _time(timed_pass, bf16) for bf16 in (False, True)}
-    choice = seconds[True] < seconds[False]
+    choice = _same_on_every_rank(seconds[True] < seconds[False])
     if rank == 0:
         record.write_text(json.dumps({"bf16": choice, "seconds_per_pass": {
             "fp32": seconds[False], "bf16": seconds[True]}}))
@@ -39,6 +39,15 @@ def cpu_autocast(setting: bool | str, device: str, checkpoint_dir: Path,
               f"{seconds[True]:.3f} s/pass: training in {'bf16' if choice else 'fp32'}",
               flush=True)
     return choice
+
+
+def _same_on_every_rank(choice: bool) -> bool:
+    """Rank 0's measurement decides for all ranks (each rank timed its own passes)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return choice
+    shared = [choice]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
 
 
 def _time(timed_pass: Callable[[bool], None], bf16: bool) -> float:

@@ -159,8 +159,9 @@ def random_tiny_folders(root: Path) -> tuple[dict[str, Path], int]:
     import torch
 
     from idlm.config import LoraSection, TinyArchitecture
+    from idlm.model.adapter_files import base_fingerprint, save_gated_lora
     from idlm.model.factory import build_tiny
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+    from idlm.model.gated_lora import attach_gated_lora
 
     vocab, pad, eos, mask = 2048, 0, 2, 5
     model = build_tiny(TinyArchitecture(), vocab, pad, eos, 1024, seed=0)

@@ -56,7 +56,8 @@ def _small_qwen3(vocab: int, seed: int):  # noqa: ANN202
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     from idlm import config as config_mod
     from idlm.data.tokenizer import train_bpe_tokenizer
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+    from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+    from idlm.model.gated_lora import attach_gated_lora
     from idlm.serving.export_stage import run
     from idlm.serving.sglang.install import install
 

@@ -86,8 +86,8 @@ def test_rerun_of_finished_ic_trains_nothing(trained: dict) -> None:
 def test_lora_adapter_keeps_clean_rows_exact(trained: dict) -> None:
     from idlm.data.prepare import load_tokenizer
     from idlm.data.tokenizer import mask_token_id
+    from idlm.model.adapter_files import load_gated_lora
     from idlm.model.factory import load_causal_lm
-    from idlm.model.gated_lora import load_gated_lora
 
     cfg: Config = trained["cfg"]
     assert (cfg.out("lora", "adapter", "adapter_model.safetensors")).is_file()

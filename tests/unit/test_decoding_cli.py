@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from idlm.generate_cli import main
-from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+from idlm.model.gated_lora import attach_gated_lora
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = [f"user\nwhat is {a} plus {b}?\nassistant\n{a}+{b}={a + b}\n"

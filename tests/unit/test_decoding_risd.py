@@ -15,12 +15,8 @@ from idlm.decoding.engine import DecodingEngine
 from idlm.decoding.loading import load_engine
 from idlm.decoding.requests import DecodingError, GenerationRequest, SamplingParams
 from idlm.decoding.verify import lossless_check, transformers_greedy
-from idlm.model.gated_lora import (
-    GatedLinear,
-    attach_gated_lora,
-    base_fingerprint,
-    save_gated_lora,
-)
+from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+from idlm.model.gated_lora import GatedLinear, attach_gated_lora
 from tests.conftest import MASK_ID, tiny_qwen3
 from tests.unit.test_decoding_models import pattern_prompts, trained_ic_model
 

@@ -42,7 +42,8 @@ def _save_model(model: torch.nn.Module, tokenizer, folder: Path) -> None:  # noq
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """outputs/ of a tiny run: tokenizer, base (+pin), IC model, gated adapter."""
     from idlm.data.tokenizer import train_bpe_tokenizer
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+    from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+    from idlm.model.gated_lora import attach_gated_lora
 
     root = tmp_path_factory.mktemp("ws")
     out = root / "outputs"

@@ -25,7 +25,8 @@ STRIDE = 3
 def folders(tmp_path_factory) -> tuple[Path, Path]:
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+    from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+    from idlm.model.gated_lora import attach_gated_lora
 
     rows = [json.loads(line) for line in ITEMS.read_text().splitlines()]
     texts = [f"user\n{r['prompt']}\nassistant\n{r['reference']}\n" for r in rows] * 4

@@ -167,7 +167,8 @@ def test_rope_theta_comes_from_rope_parameters_as_qwen3_reads_it() -> None:
 # ---------------------------------------------------------------- gated LoRA, fused
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint, save_gated_lora
+    from idlm.model.adapter_files import base_fingerprint, save_gated_lora
+    from idlm.model.gated_lora import attach_gated_lora
 
     base = tiny_qwen3(seed=5)
     fingerprint = base_fingerprint(base)

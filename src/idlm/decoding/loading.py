@@ -58,7 +58,8 @@ def _model(model_dir: Path, device: str, dtype: Any) -> Any:
 
 
 def _with_adapter(model: Any, adapter_dir: Path) -> Any:
-    from idlm.model.gated_lora import GatedLoraError, load_gated_lora
+    from idlm.model.adapter_files import load_gated_lora
+    from idlm.model.gated_lora import GatedLoraError
 
     try:
         return load_gated_lora(model, adapter_dir).eval()

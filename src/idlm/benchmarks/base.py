@@ -57,11 +57,16 @@ class Sample:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The scorer's decision: right or wrong, what it extracted, and why (one line)."""
+    """The scorer's decision: right or wrong, what it extracted, and why (one line).
+
+    ``rule`` names the extraction rule that found the answer; None when nothing could be
+    extracted (evaluate reports that share apart from wrong answers).
+    """
 
     correct: bool
     extracted: str | None
     detail: str = ""
+    rule: str | None = None
 
 
 class Benchmark:

@@ -16,10 +16,11 @@ import pickle
 import re
 import secrets
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from idlm.benchmarks.answers import extract_code, strip_thinking
+from idlm.benchmarks.answers import THINK_OPEN, defined_functions, extract_code, strip_thinking
 from idlm.benchmarks.base import Verdict
 from idlm.benchmarks.sandbox import ExecutionResult, run_program
 from idlm.benchmarks.settings import SandboxSettings
@@ -29,32 +30,65 @@ LCB_TEST_TIMEOUT_S = 6.0  # LiveCodeBench's own per-test limit
 LCB_RUN_TIMEOUT_CAP_S = 300.0
 
 
-def final_code(output: str, entry_point: str | None = None) -> str:
+@dataclass(frozen=True)
+class CodeAnswer:
+    """The program taken from an answer, the rule that took it, and a note for the verdict
+    (a function defined under another name than the entry point)."""
+
+    code: str
+    rule: str
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{self.rule}{f'; {self.note}' if self.note else ''}"
+
+
+def final_code(output: str, entry_point: str | None = None) -> CodeAnswer:
     """The candidate program from a model output: after thinking, out of its fences."""
-    return extract_code(strip_thinking(output), entry_point)
+    final = strip_thinking(output)
+    if not final.strip():
+        why = "unterminated thinking (no </think>)" if THINK_OPEN in output else "empty answer"
+        return CodeAnswer("", why)
+    code, rule = extract_code(final, entry_point)
+    named = defined_functions(code)
+    note = ""
+    if entry_point and named and entry_point not in named:
+        # Usually a renamed function (remove_occ for remove_Occ): the tests then fail with
+        # a NameError, and the detail should say why rather than show only the traceback.
+        note = (f"defines {', '.join(f'{name}()' for name in named)}, "
+                f"not the entry point {entry_point}()")
+    return CodeAnswer(code, rule, note)
 
 
 def _sentinel() -> str:
     return f"IDLM_ALL_TESTS_PASSED_{secrets.token_hex(8)}"
 
 
-def _verdict(result: ExecutionResult, sentinel: str, code: str) -> Verdict:
+def _verdict(result: ExecutionResult, sentinel: str, answer: CodeAnswer) -> Verdict:
     passed = result.status == "ok" and sentinel in result.stdout
     if passed:
-        return Verdict(True, code, f"passed in {result.seconds:.2f}s")
-    if result.status == "timeout":
-        return Verdict(False, code, "timed out")
-    last = (result.stderr.strip().splitlines() or ["exited 0 before the tests finished"])[-1]
-    return Verdict(False, code, f"failed (exit {result.returncode}): {last[:300]}")
+        outcome = f"passed in {result.seconds:.2f}s"
+    elif result.status == "timeout":
+        outcome = "timed out"
+    else:
+        last = (result.stderr.strip().splitlines() or ["exited 0 before the tests finished"])[-1]
+        outcome = f"failed (exit {result.returncode}): {last[:300]}"
+    return Verdict(passed, answer.code, f"{outcome} [{answer.describe()}]", answer.rule)
 
 
-def run_test_program(program: str, code: str, settings: SandboxSettings) -> Verdict:
+def _no_code(answer: CodeAnswer) -> Verdict | None:
+    if answer.code.strip():
+        return None
+    return Verdict(False, None, f"nothing extracted: no code in the answer ({answer.rule})")
+
+
+def run_test_program(program: str, answer: CodeAnswer, settings: SandboxSettings) -> Verdict:
     """Run ``program`` (candidate + tests) and pass it if it reaches the end."""
-    if not code.strip():
-        return Verdict(False, code, "no code in the answer")
+    if (empty := _no_code(answer)) is not None:
+        return empty
     sentinel = _sentinel()
     script = f"{program}\n\nprint({sentinel!r})\n"
-    return _verdict(run_program({"main.py": script}, "main.py", settings), sentinel, code)
+    return _verdict(run_program({"main.py": script}, "main.py", settings), sentinel, answer)
 
 
 def prompt_imports(prompt: str) -> str:
@@ -98,13 +132,14 @@ def decode_lcb_tests(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         return json.loads(_NoGlobals(io.BytesIO(packed)).load())
 
 
-def score_lcb(code: str, cases: list[dict[str, Any]], func_name: str | None,
+def score_lcb(answer: CodeAnswer, cases: list[dict[str, Any]], func_name: str | None,
               settings: SandboxSettings) -> Verdict:
     """All of a problem's test cases in one sandboxed run, each with its own time limit."""
+    code = answer.code
     if not cases:
         return Verdict(False, code, "problem has no test cases")
-    if not code.strip():
-        return Verdict(False, code, "no code in the answer")
+    if (empty := _no_code(answer)) is not None:
+        return empty
     functional = cases[0].get("testtype") == "functional"
     if functional and not func_name:
         return Verdict(False, code, "functional problem without metadata.func_name")
@@ -117,4 +152,4 @@ def score_lcb(code: str, cases: list[dict[str, Any]], func_name: str | None,
              "tests.json": json.dumps(spec)}
     budget = min(LCB_RUN_TIMEOUT_CAP_S, per_test * len(cases) + 5.0)
     result = run_program(files, "harness.py", settings, timeout_s=budget)
-    return _verdict(result, sentinel, code)
+    return _verdict(result, sentinel, answer)

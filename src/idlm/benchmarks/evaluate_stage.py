@@ -92,6 +92,7 @@ def run(cfg: Config) -> dict[str, Any]:
     write_reports(results, out, title=f"{cfg.profile}: accuracy per benchmark")
     summary = scores_summary(results)
     metrics: dict[str, Any] = {"scores": summary["scores"],
+                               "unextracted": summary["unextracted"],
                                "seconds": round(time.perf_counter() - began, 1),
                                "samples_per_second": _throughput(summary["results"])}
     if settings.sampling.greedy and {"ar", "risd"} <= set(cfg.evaluate.systems):

@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from idlm.benchmarks.base import Benchmark, Sample, Verdict, user_message
-from idlm.benchmarks.scoring import score_choice, score_gsm8k, score_math
+from idlm.benchmarks.scoring import score_choice, score_gsm8k, score_math, score_number
 
 LETTERS = "ABCDEFGHIJKLMNOP"
 # The paper's eval_math500.py suffix (thinking on; math-verify scores the \boxed{} answer).
@@ -52,7 +52,7 @@ class MultipleChoiceBenchmark(Benchmark):
 
     def score(self, output: str, sample: Sample) -> Verdict:
         return score_choice(output, str(sample.reference).strip(),
-                            sample.meta.get("letters", LETTERS[:10]))
+                            sample.meta.get("letters", LETTERS[:10]), sample.meta.get("options"))
 
 
 class MathBenchmark(Benchmark):
@@ -77,6 +77,14 @@ class NumberAnswerBenchmark(MathBenchmark):
 
     def score(self, output: str, sample: Sample) -> Verdict:
         return score_gsm8k(output, str(sample.reference))
+
+
+class IntegerAnswerBenchmark(MathBenchmark):
+    """AIME-style: the prompt asks for ``\\boxed{}``; the answer is an integer 0-999, so
+    ``\\boxed{033}``, ``033`` and ``33`` are the same answer."""
+
+    def score(self, output: str, sample: Sample) -> Verdict:
+        return score_number(output, str(sample.reference))
 
 
 class CodeBenchmark(Benchmark):

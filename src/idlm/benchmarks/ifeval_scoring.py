@@ -13,7 +13,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
-from idlm.benchmarks.answers import strip_thinking
+from idlm.benchmarks.answers import final_answer_rule, strip_thinking
 from idlm.benchmarks.base import Verdict
 
 
@@ -75,4 +75,7 @@ def ifeval_verdict(output: str, prompt: str, instruction_ids: list[str],
                          zip(instruction_ids, strict.follow_instruction_list, strict=True))
     detail = (f"strict={strict.follow_all_instructions} loose={loose.follow_all_instructions}"
               f" [{followed}]")
-    return Verdict(bool(strict.follow_all_instructions), None, detail)
+    rule = final_answer_rule(output, response)
+    if rule is None:
+        detail = f"nothing extracted: no final answer; {detail}"
+    return Verdict(bool(strict.follow_all_instructions), response or None, detail, rule)

@@ -24,11 +24,30 @@ def _systems_and_benchmarks(results: Sequence[BenchmarkResult]
 
 
 def scores_summary(results: Sequence[BenchmarkResult]) -> dict[str, Any]:
-    """``{"scores": {system: {benchmark: percent}}, "results": [...]}`` for metrics files."""
+    """``{"scores": {system: {benchmark: percent}}, "unextracted": {system: {benchmark:
+    percent of answers with nothing extracted}}, "results": [...]}`` for metrics files."""
     scores: dict[str, dict[str, float]] = {}
+    unextracted: dict[str, dict[str, float]] = {}
     for result in results:
         scores.setdefault(result.system, {})[result.benchmark] = round(result.score, 2)
-    return {"scores": scores, "results": [r.as_dict() for r in results]}
+        unextracted.setdefault(result.system, {})[result.benchmark] = round(
+            result.unextracted_share, 2)
+    return {"scores": scores, "unextracted": unextracted,
+            "results": [r.as_dict() for r in results]}
+
+
+def _unextracted_table(results: Sequence[BenchmarkResult]) -> list[str]:
+    """Per benchmark and system, the share of answers no rule could read."""
+    systems, benchmarks = _systems_and_benchmarks(results)
+    by_key = {(r.system, r.benchmark): r for r in results}
+    lines = ["", "Answers with nothing extracted (% of answered samples; counted as wrong "
+             "above):", "", "| benchmark | " + " | ".join(systems) + " |",
+             "|---|" + "---:|" * len(systems)]
+    for name, title in benchmarks:
+        shares = [by_key.get((system, name)) for system in systems]
+        lines.append(f"| {title} | " + " | ".join(
+            "–" if r is None else f"{r.unextracted_share:.1f}" for r in shares) + " |")
+    return lines
 
 
 def scores_table(results: Sequence[BenchmarkResult]) -> str:
@@ -47,6 +66,7 @@ def scores_table(results: Sequence[BenchmarkResult]) -> str:
             cells.append(cell)
         count = next(r.samples for r in results if r.benchmark == name)
         lines.append(f"| {title} | {count} | " + " | ".join(cells) + " |")
+    lines += _unextracted_table(results)
     lines += ["", "Generation throughput (samples/s, this run's new samples):", "",
               "| system | samples | seconds | samples/s |", "|---|---:|---:|---:|"]
     for system in systems:

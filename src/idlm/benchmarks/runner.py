@@ -48,6 +48,9 @@ class BenchmarkResult:
     samples: int
     correct: int
     errors: int
+    # Answers (not backend errors) where no rule could extract an answer: a format problem
+    # shows as its own number instead of hiding in a low score.
+    unextracted: int
     generated: int
     resumed: int
     generation_seconds: float
@@ -65,8 +68,15 @@ class BenchmarkResult:
             return None
         return self.generated / self.generation_seconds
 
+    @property
+    def unextracted_share(self) -> float:
+        """Percent of the answered samples where nothing could be extracted."""
+        answered = self.samples - self.errors
+        return 100.0 * self.unextracted / answered if answered else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "score": round(self.score, 2),
+                "unextracted_share": round(self.unextracted_share, 2),
                 "samples_per_second": self.samples_per_second}
 
 
@@ -128,8 +138,17 @@ def _record(system: str, benchmark: Benchmark, sample: Sample, seed: int,
             "output": completion.text, "finish_reason": completion.finish_reason,
             "completion_tokens": completion.completion_tokens, "error": completion.error,
             "seed": seed, "extracted": verdict.extracted if verdict else None,
+            "rule": verdict.rule if verdict else None,
             "correct": bool(verdict.correct) if verdict else False,
             "detail": verdict.detail if verdict else completion.error, "stats": completion.stats}
+
+
+def nothing_extracted(record: dict[str, Any]) -> bool:
+    """Whether a finished record's answer gave the scorer nothing to read. Records logged
+    before rules were recorded say so by an empty ``extracted``."""
+    if "rule" in record:
+        return record["rule"] is None
+    return record.get("extracted") in (None, "")
 
 
 # ---------------------------------------------------------------- one benchmark
@@ -182,7 +201,9 @@ def evaluate_benchmark(system: str, backend: Backend, benchmark: Benchmark,
     final = [done[sample.id] for sample in samples if sample.id in done]
     return BenchmarkResult(system, benchmark.name, benchmark.title, benchmark.category,
                            samples=len(samples), correct=sum(r["correct"] for r in final),
-                           errors=len(samples) - len(final), generated=len(todo),
+                           errors=len(samples) - len(final),
+                           unextracted=sum(nothing_extracted(r) for r in final),
+                           generated=len(todo),
                            resumed=resumed, generation_seconds=round(generation_seconds, 3),
                            scoring_seconds=round(scoring_seconds, 3))
 
@@ -218,6 +239,6 @@ def run_evaluation(systems: Mapping[str, Backend], settings: EvaluateSettings, o
                                         settings.batch_size, run_fingerprint,
                                         settings.sandbox.workers, settings.thinking, log)
             log(f"{system}/{name}: {result.score:.1f}% of {result.samples} "
-                f"({result.errors} errors)")
+                f"({result.errors} errors, nothing extracted from {result.unextracted})")
             results.append(result)
     return results

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from idlm.benchmarks.base import DataSource
-from idlm.benchmarks.families import MathBenchmark
+from idlm.benchmarks.families import IntegerAnswerBenchmark
 from idlm.benchmarks.registry import register
 
 
 @register
-class Aime24(MathBenchmark):
+class Aime24(IntegerAnswerBenchmark):
     name = "aime24"
     title = "AIME-24"
     # The hub split is named "train" but holds the 30 test problems.

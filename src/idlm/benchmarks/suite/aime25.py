@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from idlm.benchmarks.base import DataSource
-from idlm.benchmarks.families import MathBenchmark
+from idlm.benchmarks.families import IntegerAnswerBenchmark
 from idlm.benchmarks.registry import register
 
 
 @register
-class Aime25(MathBenchmark):
+class Aime25(IntegerAnswerBenchmark):
     name = "aime25"
     title = "AIME-25"
     source = DataSource(hub_id="math-ai/aime25", split="test",

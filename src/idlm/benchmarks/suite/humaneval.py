@@ -31,9 +31,9 @@ class HumanEval(CodeBenchmark):
 
     def score(self, output: str, sample: Sample) -> Verdict:
         meta = sample.meta
-        code = final_code(output, meta["entry_point"])
-        program = humaneval_program(meta["prompt"], code, meta["test"], meta["entry_point"])
-        return run_test_program(program, code, self.sandbox)
+        answer = final_code(output, meta["entry_point"])
+        program = humaneval_program(meta["prompt"], answer.code, meta["test"], meta["entry_point"])
+        return run_test_program(program, answer, self.sandbox)
 
     def sample_from_reference(self, reference: Any, meta: dict[str, Any] | None = None
                               ) -> Sample:

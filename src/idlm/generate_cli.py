@@ -35,8 +35,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proposal", choices=("sample", "argmax"), default="sample",
-                        help="draft proposals at T>0: sample from q (exact) or argmax q "
-                             "(faster, inexact)")
+                        help="draft proposals at T>0: sample from q or argmax q (both "
+                             "exact: argmax is verified as a one-hot proposal)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop string (repeatable); the eos token always stops")
     parser.add_argument("--no-chat-template", action="store_true")
@@ -78,7 +78,7 @@ def handle_generate(args: argparse.Namespace) -> int:
               "prompt_tokens": len(prompt_ids), "token_ids": result.token_ids,
               "finish_reason": result.finish_reason, "seconds": seconds,
               "tokens_per_second": len(result.token_ids) / seconds if seconds else None,
-              "exact": args.temperature <= 0 or args.proposal == "sample",
+              "proposal": args.proposal,
               "stats": result.stats.as_dict()}
     print(json.dumps(report) if args.json else _human(report))
     return 0
@@ -134,8 +134,7 @@ def _human(report: dict[str, Any]) -> str:
     if report["mode"] != "ar":
         lines.append(f"--- acceptance per draft position: [{acceptance}] | rounds: "
                      f"{stats['full_accept_rounds']} full-accept, {stats['reject_rounds']} "
-                     f"reject, {stats['cold_start_rounds']} cold-start"
-                     + ("" if report["exact"] else " | argmax proposals: inexact at T>0"))
+                     f"reject, {stats['cold_start_rounds']} cold-start")
     return "\n".join(lines)
 
 

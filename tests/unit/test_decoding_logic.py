@@ -71,6 +71,50 @@ def test_sampled_acceptance_is_u_below_p_over_q_and_residual_on_reject() -> None
     assert reject.all_accepted.tolist() == [False]
 
 
+def argmax_step(p_rows: list[list[float]], drafts: list[int], stale_q: list[list[float]],
+                accept_u: torch.Tensor, token_u: torch.Tensor):
+    """Many rows of one verify step with argmax proposals; ``stale_q`` must not be read."""
+    rows = accept_u.shape[0]
+    anchor = torch.tensor([p_rows]).expand(rows, -1, -1)
+    q = torch.tensor([stale_q]).expand(rows, -1, -1)
+    return verify_sampled(anchor, q, torch.tensor([drafts]).expand(rows, -1), q,
+                          torch.full((rows,), len(drafts)), accept_u, token_u,
+                          torch.zeros(rows, len(drafts), dtype=torch.float64),
+                          torch.ones(rows, dtype=torch.bool))
+
+
+def test_argmax_proposal_accepts_with_p_and_redraws_from_p_without_the_draft() -> None:
+    p0, p1 = [0.3, 0.5, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0]
+    q0 = [0.05, 0.9, 0.05, 0.0]   # the draft's own q: u < p/q would accept u < 0.556
+    uniforms = torch.tensor([[0.49], [0.51], [0.51]], dtype=torch.float64)
+    outcome = argmax_step([p0, p1], [1], [q0], uniforms,
+                          torch.tensor([0.0, 0.0, 0.99], dtype=torch.float64))
+    assert outcome.accepted.tolist() == [1, 0, 0]            # accept iff u < p(s) = 0.5
+    # On rejection the law is p without s: {0: 0.6, 2: 0.4}, never the draft again.
+    assert outcome.token.tolist() == [3, 0, 2]
+
+
+def test_argmax_proposal_step_emits_the_target_law() -> None:
+    """Two drafts, 200k rows: x1 ~ p0; x2 ~ p1 given x1 = s1; x3 ~ p2 given both accepted."""
+    generator = torch.Generator().manual_seed(0)
+    p_rows = [[0.1, 0.45, 0.3, 0.15], [0.2, 0.1, 0.6, 0.1], [0.25, 0.25, 0.25, 0.25]]
+    drafts, rows = [2, 2], 200_000
+    outcome = argmax_step(p_rows, drafts, [[0.1, 0.1, 0.7, 0.1]] * 2,
+                          torch.rand(rows, 2, generator=generator, dtype=torch.float64),
+                          torch.rand(rows, generator=generator, dtype=torch.float64))
+    emitted, _ = book.emitted_tokens(torch.tensor([drafts]).expand(rows, -1),
+                                     outcome.accepted, outcome.token)
+    given = torch.ones(rows, dtype=torch.bool)
+    for position, law in enumerate(p_rows):
+        picked = emitted[given, position]
+        frequency = torch.bincount(picked, minlength=4).double() / picked.numel()
+        sigma = (torch.tensor(law) * (1 - torch.tensor(law)) / picked.numel()).sqrt()
+        assert ((frequency - torch.tensor(law, dtype=torch.float64)).abs()
+                <= 5 * sigma + 1e-12).all(), position
+        if position < len(drafts):
+            given &= emitted[:, position] == drafts[position]
+
+
 def test_sampled_path_on_one_hot_rows_is_greedy() -> None:
     anchor = torch.nn.functional.one_hot(torch.tensor([[1, 2, 3]]), V).float()
     masks = torch.nn.functional.one_hot(torch.tensor([[4, 5]]), V).float()

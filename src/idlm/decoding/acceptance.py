@@ -13,6 +13,11 @@ drafts are accepted the step emits them plus a *bonus* drawn from p_k; otherwise
 the k accepted drafts plus a *replacement* drawn from norm(max(0, p_k - q_{k+1})) and the
 next step is a cold start. Either way the emitted token after the accepted drafts is
 ``token`` and the KV entries kept are ``pending`` plus the k accepted drafts.
+
+An *argmax proposal* (``argmax q`` instead of a draw from q) is a deterministic proposal,
+so its proposal law is one-hot at the draft: the same rule with that one-hot as q accepts
+with probability p(s) and on rejection draws from p with s removed. That keeps the
+sampler exact; only the q used by the test differs from the q the draft was read from.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ class StepOutcome:
     token: torch.Tensor               # [B] bonus / replacement / AR token, emitted after them
     all_accepted: torch.Tensor        # [B] bool: k == num_checked (no rejection this step)
     next_drafts: torch.Tensor         # [B, D] proposals for the next step (from the MASK rows)
-    next_draft_probs: torch.Tensor | None  # [B, D, V] q of those proposals (None when greedy)
+    # [B, D, V] the q those proposals were read from (None when greedy); argmax-proposal
+    # rows are verified against a one-hot at the draft instead.
+    next_draft_probs: torch.Tensor | None
 
 
 def leading_accepts(accept: torch.Tensor, num_checked: torch.Tensor) -> torch.Tensor:
@@ -60,14 +67,17 @@ def verify_sampled(anchor_probs: torch.Tensor, mask_probs: torch.Tensor, drafts:
     """T > 0: accept s_i with probability min(1, p(s_i) / q(s_i)); residual on rejection.
 
     ``draft_probs`` is the q each draft was drawn from; ``*_uniforms`` are [B, D], [B] and
-    [B, D] in [0, 1). ``argmax_proposal`` rows propose argmax q instead of a draw from q
-    (faster acceptance, but not an exact sampler at T > 0: labelled inexact everywhere).
+    [B, D] in [0, 1). ``argmax_proposal`` rows propose argmax q instead of a draw from q;
+    their drafts are verified against a one-hot q at the draft (their ``draft_probs`` are
+    not read), which keeps them exact without materialising a [B, D, V] one-hot.
     """
     rows = torch.arange(drafts.shape[0], device=drafts.device)
     width = drafts.shape[1]
+    one_hot_rows = argmax_proposal[:, None]
     if width:
         p_of_draft = anchor_probs[:, :width].gather(2, drafts[..., None]).squeeze(2)
         q_of_draft = draft_probs.gather(2, drafts[..., None]).squeeze(2)
+        q_of_draft = torch.where(one_hot_rows, 1.0, q_of_draft)
         # u < p/q, written without a division: q(s) > 0 because s was proposed from q.
         accept = accept_uniforms.to(p_of_draft.dtype) * q_of_draft < p_of_draft
         accepted = leading_accepts(accept, num_checked)
@@ -76,13 +86,16 @@ def verify_sampled(anchor_probs: torch.Tensor, mask_probs: torch.Tensor, drafts:
     all_accepted = accepted == num_checked
     target = anchor_probs[rows, accepted]
     if width:
-        rejected_q = draft_probs[rows, accepted.clamp(max=width - 1)]
-        residual = (target - rejected_q).clamp_(min=0)
+        rejected = accepted.clamp(max=width - 1)
+        residual = (target - draft_probs[rows, rejected]).clamp_(min=0)
+        # max(0, p - one_hot(s)) is p with s removed (p(s) <= 1).
+        without_draft = target.scatter(1, drafts[rows, rejected][:, None], 0.0)
+        residual = torch.where(one_hot_rows, without_draft, residual)
         # A residual with no mass can only come from rounding (p == q never rejects).
         usable = residual.sum(-1, keepdim=True) > 0
         residual = torch.where(usable, residual, target)
         target = torch.where(all_accepted[:, None], target, residual)
     token = sample_from(target, token_uniforms)
     sampled_drafts = sample_from(mask_probs, draft_uniforms)
-    next_drafts = torch.where(argmax_proposal[:, None], mask_probs.argmax(-1), sampled_drafts)
+    next_drafts = torch.where(one_hot_rows, mask_probs.argmax(-1), sampled_drafts)
     return StepOutcome(accepted, token, all_accepted, next_drafts, mask_probs)

@@ -37,14 +37,15 @@ class DecodeBatch:
     lengths: torch.Tensor          # [B] committed KV slots
     pending: torch.Tensor          # [B] emitted token whose KV is not in the cache yet
     drafts: torch.Tensor           # [B, D]
-    draft_probs: torch.Tensor | None  # [B, D, V] q each draft came from (None: all greedy)
+    draft_probs: torch.Tensor | None  # [B, D, V] q each draft came from (None: all greedy;
+                                      # argmax-proposal rows: unread, q is one-hot)
     has_drafts: torch.Tensor       # [B] bool: next step verifies (else cold start)
     num_drafts: torch.Tensor       # [B] N-1 (0 for AR)
     temperature: torch.Tensor      # [B] float
     top_k: torch.Tensor            # [B]
     top_p: torch.Tensor            # [B] float
     seeds: torch.Tensor            # [B]
-    argmax_proposal: torch.Tensor  # [B] bool
+    argmax_proposal: torch.Tensor  # [B] bool: drafts are argmax q (verified as one-hot q)
     step_index: torch.Tensor       # [B] the request's own step counter (RNG key)
     tokens: torch.Tensor           # [B, token_width] generated ids
     written: torch.Tensor          # [B] how many of them are real

@@ -22,8 +22,9 @@ class SamplingParams:
     """Per-request sampling. ``temperature`` 0 is greedy; top_k 0 and top_p 1 are off.
 
     ``stop_token_ids`` None means the engine's default (the model's eos). ``proposal``
-    ``argmax`` proposes argmax q instead of a draw from q: +throughput, but at T > 0 the
-    output no longer follows the AR distribution exactly (labelled inexact).
+    ``argmax`` proposes argmax q instead of a draw from q; verification then takes the
+    proposal as one-hot (accept with probability p(s), else draw from p without s), so the
+    output still follows the AR distribution exactly, with more drafts accepted.
     """
 
     temperature: float = 0.0
@@ -38,11 +39,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
-
-    @property
-    def exact(self) -> bool:
-        """Whether the output follows the model's AR distribution exactly."""
-        return self.greedy or self.proposal == "sample"
 
 
 @dataclass(frozen=True)

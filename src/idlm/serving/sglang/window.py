@@ -40,7 +40,7 @@ class WindowSpec:
     stride: int
     mask_token_id: int
     pad_token_id: int = 0
-    proposal: str = "sample"   # "argmax": propose argmax q (faster, inexact at T > 0)
+    proposal: str = "sample"   # "argmax": propose argmax q (verified as one-hot: exact)
 
     def __post_init__(self) -> None:
         if self.stride < 2:

@@ -34,6 +34,18 @@ def test_flags(capsys) -> None:
     assert code == 0 and verdict["correct"] is False and verdict["extracted"] == "J"
 
 
+def test_the_verdict_says_which_rule_read_what(capsys) -> None:
+    code, verdict = score(["--benchmark", "arc_challenge", "--reference", "C", "--prediction",
+                           "Considering the options, the correct choice is (C) because "
+                           "plants need light."], capsys=capsys)
+    assert code == 0 and verdict["correct"] is True and verdict["rule"] == "answer statement"
+    assert verdict["detail"] == "answer statement: 'the correct choice is (C)' -> C; gold C"
+    code, verdict = score(["--benchmark", "gsm8k", "--reference", "72", "--prediction",
+                           "<think>48+24</think>\n#### 72\n\n\\boxed{96}"], capsys=capsys)
+    assert code == 0 and verdict["correct"] is False and verdict["rule"] is None
+    assert verdict["detail"].startswith("nothing extracted: conflicting final answers")
+
+
 def test_json_on_stdin(monkeypatch, capsys) -> None:
     request = {"benchmark": "ifeval", "prediction": "all lowercase, no capitals here",
                "reference": {"instruction_id_list": ["change_case:english_lowercase"],

@@ -1,28 +1,27 @@
 """Read the chosen option letter (ARC-C, MMLU, MMLU-Pro A-J, GPQA, MathBench single choice).
 
-Explicit statements come first and the last one wins (see ``extraction.decide``):
+Explicit statements first; the last one wins and a closing statement that names two
+letters is a conflict (see ``extraction.decide``). Each rule follows a published extractor:
 
-========================  =================================================  ==============
-rule                      reads                                              follows
-========================  =================================================  ==============
-answer statement          ``Answer: C``, ``**Final Answer:** (C)``,          simple-evals
-                          ``the answer is (C)``, ``the correct choice is C``, MULTIPLE_CHOICE;
-                          ``I'll go with C``                                 lm-eval MMLU-Pro
-\\boxed letter             ``\\boxed{C}``, ``\\boxed{\\text{(C)}}``              OpenCompass
-letter is correct         ``Option C is correct``, ``(C) is the right one``   OpenCompass
-answer names option text  ``The answer is: photosynthesis`` (one option's     OpenCompass
-                          text, when the options are known)                  (option text)
-========================  =================================================  ==============
+* ``answer statement``: ``Answer: C``, ``**Final Answer:** (C)``, ``the answer is (C)``,
+  ``the correct choice is C``, ``I'll go with C``. simple-evals' multiple-choice pattern
+  (``common.py``: ``(?i)Answer[ \\t]*:[ \\t]*\\$?([A-D])\\$?``) and lm-eval's MMLU-Pro
+  filter (``answer is \\(?([A-J])\\)?``), with markdown and LaTeX allowed around the letter;
+* ``\\boxed letter``: ``\\boxed{C}``, ``\\boxed{\\text{(C)}}``; OpenCompass
+  ``first_option_postprocess`` (``boxed{X}``);
+* ``letter is correct``: ``Option C is correct``, ``(C) is the right answer``; the backup
+  pattern ``([A-D])\\)?\\s+is\\s+correct`` of OLMES-style MMLU extraction, here only for a
+  letter marked as an option (word, brackets, bold) or opening a sentence;
+* ``answer names option text``: ``The answer is: photosynthesis`` when that is exactly one
+  option's text; our addition (models restate the option instead of its letter), taken
+  only when the options are known.
 
 Only when nothing is stated explicitly, weaker forms, each taken only if it points at one
 letter (an option-by-option review in bold points at all of them): a **bold** letter, a
 line with a letter and that option's own text, an answer that is just a letter, a last
-line that starts with ``C)`` / ``(C)`` / ``C.``.
-
-Letters are upper case only: ``a`` and ``I`` are words far more often than answers.
-Sources: simple-evals ``common.py`` (``(?i)Answer[ \\t]*:[ \\t]*\\$?([A-D])\\$?``), lm-eval's
-MMLU-Pro filter (``answer is \\(?([A-J])\\)?``), OpenCompass ``first_option_postprocess``
-(``The correct answer is``, ``The correct option is``, ``boxed{X}``, option text).
+line that starts with ``C)`` / ``(C)`` / ``C.`` (MMLU-Pro's ``extract_final`` takes any last
+capital letter; we do not, since ``I`` and ``A`` are words far more often than answers).
+Letters are upper case only for the same reason.
 """
 
 from __future__ import annotations

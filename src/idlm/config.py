@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -66,12 +67,20 @@ class SyntheticData(Section):
 
     train_size: Annotated[int, Field(gt=0)] = 40_000
     eval_size: Annotated[int, Field(gt=0)] = 400
-    mix: dict[Literal["arithmetic", "multiple_choice", "code", "instruction"], float] = {
+    mix: dict[Literal["arithmetic", "multiple_choice", "code", "instruction"],
+              Annotated[float, Field(ge=0)]] = {
         "arithmetic": 0.55,
         "multiple_choice": 0.15,
         "code": 0.15,
         "instruction": 0.15,
     }
+
+    @model_validator(mode="after")
+    def _some_mix(self) -> SyntheticData:
+        if sum(self.mix.values()) <= 0:
+            raise ValueError(f"key 'prepare.synthetic.mix': weights sum to 0 (got {self.mix}); "
+                             "allowed: weights >= 0 with a positive sum")
+        return self
 
 
 class HubData(Section):
@@ -79,10 +88,10 @@ class HubData(Section):
 
     name_or_path: str = ""
     revision: str | None = None
-    split: str = "train"
-    messages_field: str = "messages"
+    split: Annotated[str, Field(min_length=1)] = "train"
+    messages_field: Annotated[str, Field(min_length=1)] = "messages"
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.01
-    max_rows: int | None = None
+    max_rows: Annotated[int, Field(gt=0)] | None = None
 
 
 class TokenizerSpec(Section):
@@ -92,7 +101,7 @@ class TokenizerSpec(Section):
     vocab_size: Annotated[int, Field(gt=0)] = 2048
     name_or_path: str = ""
     revision: str | None = None
-    mask_token: str = "<|MASK|>"
+    mask_token: Annotated[str, Field(min_length=1)] = "<|MASK|>"
 
 
 class PrepareConfig(Section):
@@ -109,14 +118,26 @@ class PrepareConfig(Section):
 class TinyArchitecture(Section):
     """A Qwen3 architecture small enough for 2 CPU cores."""
 
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 64
-    intermediate_size: int = 1024
-    rope_theta: float = 10_000.0
+    hidden_size: Annotated[int, Field(gt=0)] = 256
+    num_hidden_layers: Annotated[int, Field(gt=0)] = 4
+    num_attention_heads: Annotated[int, Field(gt=0)] = 4
+    num_key_value_heads: Annotated[int, Field(gt=0)] = 2
+    head_dim: Annotated[int, Field(gt=0)] = 64
+    intermediate_size: Annotated[int, Field(gt=0)] = 1024
+    rope_theta: Annotated[float, Field(gt=0)] = 10_000.0
     tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyArchitecture:
+        # Grouped-query attention shares each KV head among heads / kv_heads query heads.
+        for key, part, whole, whole_key in (
+                ("num_attention_heads", self.num_attention_heads, self.hidden_size, "hidden_size"),
+                ("num_key_value_heads", self.num_key_value_heads, self.num_attention_heads,
+                 "num_attention_heads")):
+            if whole % part:
+                raise ValueError(f"key 'model.tiny.{key}': {part} does not divide {whole_key} "
+                                 f"{whole}; allowed: a divisor of model.tiny.{whole_key}")
+        return self
 
 
 class ModelConfig(Section):
@@ -127,7 +148,7 @@ class ModelConfig(Section):
     revision: str | None = None
     tiny: TinyArchitecture = TinyArchitecture()
     # Qwen3's <|MASK|> row 151669 already exists in its padded embedding.
-    mask_token_id: int | None = None
+    mask_token_id: Annotated[int, Field(ge=0)] | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["auto", "sdpa", "flex"] = "auto"
 
@@ -144,7 +165,8 @@ class TrainSettings(Section):
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9, 0.98)
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     micro_batch_size: Annotated[int, Field(gt=0)] = 32
     grad_accum: Annotated[int, Field(gt=0)] = 1
@@ -155,7 +177,7 @@ class TrainSettings(Section):
     bf16: bool | Literal["auto"] = False
     checkpoint_every: Annotated[int, Field(gt=0)] = 100
     log_every: Annotated[int, Field(gt=0)] = 10
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 class _RunLength(Section):
@@ -190,7 +212,7 @@ class Phase(_RunLength):
     """
 
     stride: Annotated[int, Field(ge=2, le=16)]
-    alpha: float | Literal["auto"] = 0.2
+    alpha: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.2
     steps: Annotated[int, Field(gt=0)] | None = None
 
 
@@ -240,12 +262,12 @@ class FlowConfig(Section):
 
 # ---------------------------------------------------------------- root
 class Config(Section):
-    profile: str = "tiny"
-    seed: int = 0
-    outputs: str = "outputs"
+    profile: Annotated[str, Field(min_length=1)] = "tiny"
+    seed: Annotated[int, Field(ge=0)] = 0
+    outputs: Annotated[str, Field(min_length=1)] = "outputs"
     # How dvc.yaml starts the training stages: `python` (one process) or a DeepSpeed
     # launcher, e.g. `deepspeed --num_gpus 8` or `deepspeed --hostfile infra/hostfile`.
-    launcher: str = "python"
+    launcher: Annotated[str, Field(min_length=1)] = "python"
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()
@@ -263,6 +285,14 @@ class Config(Section):
             raise ValueError("base.train is required when model.kind is 'tiny'")
         if self.model.kind == "pretrained" and not self.model.name_or_path:
             raise ValueError("model.name_or_path is required when model.kind is 'pretrained'")
+        hidden = self.model.tiny.hidden_size
+        if self.model.kind == "tiny" and self.lora.rank > hidden:
+            # A rank above the layer width adds parameters and no expressiveness.
+            raise ValueError(f"key 'lora.rank': {self.lora.rank} exceeds model.tiny.hidden_size "
+                             f"{hidden}; allowed: 1..{hidden}")
+        if self.verify.stride not in self.verify.strides:
+            raise ValueError(f"key 'verify.stride': {self.verify.stride} is not one of "
+                             f"verify.strides {self.verify.strides}; allowed: one of them")
         return self
 
     def out(self, *parts: str) -> Path:
@@ -274,13 +304,22 @@ class Config(Section):
 
 
 # ---------------------------------------------------------------- loading
+# Parts of an error location that name a member of a union type, not a key.
+_UNION_TAG = re.compile(r"^(constrained-\w+|int|float|bool|str|function-\w+\[.*\]|\w+\[.*\])$")
+
+
 def _describe_error(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    parts = [str(p) for p in err["loc"]]
+    key = ".".join(p for p in parts if not _UNION_TAG.match(p)) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown key '{key}' (check the spelling against configs/tiny.yaml)"
     if kind == "missing":
         return f"missing key '{key}'"
+    if kind == "value_error":  # our validators: the message names its key and the allowed values
+        message = err["msg"].removeprefix("Value error, ")
+        return message if message.startswith("key '") or key == "<root>" else (
+            f"key '{key}': {message}")
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
     return f"key '{key}': {err['msg'].lower()} (got {shown})"
@@ -306,23 +345,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected key=value, e.g. ic.train.lr=1e-4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML; quote it, "
+                          "e.g. key='text'") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node: Any = data
-        for k in keys[:-1]:
+        try:
+            node: Any = data
+            for k in keys[:-1]:
+                node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
             if isinstance(node, list):
-                node = node[int(k)]
+                node[int(keys[-1])] = value
             else:
-                node = node.setdefault(k, {})
-        if isinstance(node, list):
-            node[int(keys[-1])] = value
-        else:
-            node[keys[-1]] = value
+                node[keys[-1]] = value
+        except (ValueError, IndexError, TypeError, AttributeError):
+            # A path through a scalar or past a list's end: name it instead of a traceback.
+            raise ConfigError(f"override '{text}': key '{'.'.join(keys)}' does not lead to a "
+                              "setting (lists take an index: ic.phases.0.steps=10)") from None
     return data
 
 
@@ -358,10 +404,19 @@ def check_files(cfg: Config, source: str | Path) -> None:
     for key, rel in ds_files:
         if not resolve_path(rel).is_file():
             raise ConfigError(f"{source}: key '{key}': file '{rel}' not found")
-    for key, value in (("model.name_or_path", cfg.model.name_or_path),
-                       ("prepare.dataset.name_or_path", cfg.prepare.dataset.name_or_path)):
+    local = [("model.name_or_path", cfg.model.name_or_path),
+             ("prepare.dataset.name_or_path", cfg.prepare.dataset.name_or_path),
+             ("prepare.tokenizer.name_or_path", cfg.prepare.tokenizer.name_or_path),
+             ("gate.tokenizer", cfg.gate.tokenizer or "")]
+    local += [(f"evaluate.overrides.{name}.path", override.path or "")
+              for name, override in cfg.evaluate.overrides.items()]
+    for key, value in local:
         if looks_local(value) and not resolve_path(value).exists():
             raise ConfigError(f"{source}: key '{key}': path '{value}' not found")
+    # Inputs the user supplies (not made by a stage): they must exist whatever they look like.
+    if cfg.gate.prompt_file and not resolve_path(cfg.gate.prompt_file).is_file():
+        raise ConfigError(f"{source}: key 'gate.prompt_file': file '{cfg.gate.prompt_file}' not "
+                          "found; give a JSONL file with a 'prompt' field per row, or null")
 
 
 def looks_local(value: str) -> bool:

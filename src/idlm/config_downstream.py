@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Section(BaseModel):
     """Every config section: unknown keys are errors, values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are out of every numeric domain (an lr of inf passes gt=0 otherwise).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- verify
@@ -53,7 +54,7 @@ class EvalSampling(Section):
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     top_k: Annotated[int, Field(ge=0)] = 50
     max_new_tokens: Annotated[int, Field(gt=0)] = 8192
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 class EvalSandbox(Section):
@@ -82,8 +83,8 @@ class EvalEndpoint(Section):
     """An OpenAI-compatible server (an SGLang server of an exported bundle, `idlm serve`)
     that answers for one system instead of the in-process engine."""
 
-    url: str
-    model: str = "default"
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    model: Annotated[str, Field(min_length=1)] = "default"
     concurrency: Annotated[int, Field(gt=0)] = 64
     timeout_s: Annotated[float, Field(gt=0)] = 3600.0
     retries: Annotated[int, Field(ge=0)] = 3
@@ -127,7 +128,7 @@ class ExportSection(Section):
     stride: Annotated[int, Field(ge=2, le=8)] = 4
     # Draft proposals: `sample` from q (exact at T > 0) or `argmax` of q (faster, inexact).
     proposal: Literal["sample", "argmax"] = "sample"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     max_running_requests: Annotated[int, Field(gt=0)] = 64
     attention_backend: Literal["flashinfer", "triton"] = "flashinfer"
     extra_server_args: list[str] = []

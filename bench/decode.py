@@ -174,7 +174,7 @@ def random_tiny_folders(root: Path) -> tuple[dict[str, Path], int]:
     for name, parameter in adapter.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    save_gated_lora(adapter, root / "adapter", base_fingerprint(adapter))
+    save_gated_lora(adapter, root / "adapter", base_fingerprint(adapter, weights_dir=root / "base"))
     return {"model": root / "ic", "base": root / "base", "adapter": root / "adapter"}, mask
 
 

@@ -27,6 +27,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="model folder with its tokenizer: the IC model for isd, the base "
                              "model for ar and risd")
     parser.add_argument("--adapter", default=None, help="gated LoRA folder (risd only)")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="load an adapter on weights other than those it was trained on "
+                             "(experiments: R-ISD then equals AR decoding of these weights)")
     parser.add_argument("--mode", choices=("ar", "isd", "risd"), default="isd")
     parser.add_argument("--stride", type=int, default=4, help="ISD stride N (default 4)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -62,7 +65,7 @@ def handle_generate(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()   # no loading bars in logs: errors stay one line
     try:
         engine = load_engine(args.model, args.adapter, args.mode, device=args.device,
-                             dtype=args.dtype)
+                             dtype=args.dtype, allow_other_base=args.allow_other_base)
         prompt_ids = encode_prompt(engine.tokenizer, args.prompt, not args.no_chat_template)
         started = time.perf_counter()
         result = engine.generate([_request(args, prompt_ids)])[0]

@@ -30,6 +30,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="model folder with its tokenizer: the IC model for isd, the base "
                              "model for ar and risd")
     parser.add_argument("--adapter", default=None, help="gated LoRA folder (risd only)")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="load an adapter on weights other than those it was trained on "
+                             "(experiments: R-ISD then equals AR decoding of these weights)")
     parser.add_argument("--mode", choices=("ar", "isd", "risd"), default="isd",
                         help="decoding for every request (default isd)")
     parser.add_argument("--stride", type=int, default=4,
@@ -108,7 +111,8 @@ def handle_serve(args: argparse.Namespace) -> int:
         graceful_shutdown_s=args.graceful_shutdown, log_level=args.log_level)
     try:
         engine = load_engine(args.model, args.adapter, args.mode, device=args.device,
-                             dtype=args.dtype, max_batch_size=args.max_batch_size)
+                             dtype=args.dtype, max_batch_size=args.max_batch_size,
+                             allow_other_base=args.allow_other_base)
         if settings.max_new_tokens is not None and \
                 settings.max_new_tokens > engine.context_length:
             raise DecodingError(f"--max-new-tokens {settings.max_new_tokens} is above the "

@@ -80,7 +80,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
         for name, parameter in adapter.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.2)
-    save_gated_lora(adapter, out / "lora" / "adapter", base_fingerprint(base, "gpu-test"))
+    save_gated_lora(adapter, out / "lora" / "adapter",
+                    base_fingerprint(base, "gpu-test", weights_dir=out / "base" / "model"))
     cfg = config_mod.load_profile("tiny", [f"outputs={out}", "export.stride=3",
                                            "export.check_prompts=2",
                                            "export.registry.enabled=false"])

@@ -39,7 +39,8 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
                                 alpha=4.0, dropout=0.0)
     model_copy = Qwen3ForCausalLM.from_pretrained(root / "model")
     adapter.get_base_model().load_state_dict(model_copy.state_dict(), strict=False)
-    save_gated_lora(adapter, root / "adapter", base_fingerprint(adapter))
+    save_gated_lora(adapter, root / "adapter",
+                    base_fingerprint(adapter, weights_dir=root / "model"))
     return root / "model", root / "adapter"
 
 

@@ -55,7 +55,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "base" / "base.json").write_text(json.dumps(
         {"kind": "tiny", "path": "base/model", "fingerprint": "f00dfeed"}))
     _save_model(tiny_qwen3(seed=12, vocab=vocab), tokenizer, out / "ic" / "model")
-    fingerprint = base_fingerprint(base, checkpoint_hash="f00dfeed")
+    fingerprint = base_fingerprint(base, checkpoint_hash="f00dfeed",
+                                   weights_dir=out / "base" / "model")
     adapter = attach_gated_lora(tiny_qwen3(seed=11, vocab=vocab), tokenizer.mask_token_id,
                                 rank=4, alpha=8, dropout=0.0)
     torch.manual_seed(3)

@@ -39,7 +39,7 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     for name, parameter in gated.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.2)   # an adapter that really drafts
-    save_gated_lora(gated, root / "adapter", base_fingerprint(gated))
+    save_gated_lora(gated, root / "adapter", base_fingerprint(gated, weights_dir=model_dir))
     return model_dir, root / "adapter"
 
 

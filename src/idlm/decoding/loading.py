@@ -14,8 +14,9 @@ MODES = ("ar", "isd", "risd")
 
 def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mode: str = "isd",
                 *, device: str = "cpu", dtype: Any = None, mask_token_id: int | None = None,
-                max_batch_size: int = 64) -> DecodingEngine:
-    """``mode`` risd needs ``adapter_dir`` (a gated LoRA made for this base); ar/isd refuse one."""
+                max_batch_size: int = 64, allow_other_base: bool = False) -> DecodingEngine:
+    """``mode`` risd needs ``adapter_dir`` (a gated LoRA trained on exactly these weights,
+    unless ``allow_other_base``); ar/isd refuse one."""
     model_dir = Path(model_dir)
     if mode not in MODES:
         raise DecodingError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -26,6 +27,8 @@ def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mo
         raise DecodingError("mode risd needs an adapter: pass the gated LoRA folder")
     if mode != "risd" and adapter_dir is not None:
         raise DecodingError(f"an adapter is only used in mode risd (got mode {mode})")
+    if mode == "risd":
+        _check_base(Path(adapter_dir), model_dir, allow_other_base)
     tokenizer = _tokenizer(model_dir)
     model = _model(model_dir, device, dtype)
     if mode == "risd":
@@ -55,6 +58,15 @@ def _model(model_dir: Path, device: str, dtype: Any) -> Any:
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DecodingError(f"cannot load the model in {model_dir}: {first_line}") from None
+
+
+def _check_base(adapter_dir: Path, model_dir: Path, allow_other_base: bool) -> None:
+    from idlm.model.base_weights import BaseWeightsError, check_adapter_base
+
+    try:
+        check_adapter_base(adapter_dir, model_dir, allow_other_base=allow_other_base)
+    except BaseWeightsError as error:
+        raise DecodingError(str(error)) from None
 
 
 def _with_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from idlm.model.base_weights import WEIGHTS_FIELD, weights_fingerprint
 from idlm.model.gated_lora import (
     ADAPTER_FILES,
     ARCHITECTURE_FIELDS,
@@ -33,8 +34,12 @@ from idlm.model.gated_lora import (
 )
 
 
-def base_fingerprint(model: nn.Module, checkpoint_hash: str | None = None) -> dict[str, Any]:
-    """Fields that must match for an adapter to fit a base model (optionally its weights' hash)."""
+def base_fingerprint(model: nn.Module, checkpoint_hash: str | None = None,
+                     weights_dir: str | Path | None = None,
+                     known_digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fields that must match for an adapter to fit a base model: the architecture, the
+    run's checkpoint hash and the sha256 of the weight files in ``weights_dir``, the folder
+    the base was loaded from (``known_digests``: a hub pin's file hashes, not re-read)."""
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     config = model.config
@@ -43,6 +48,8 @@ def base_fingerprint(model: nn.Module, checkpoint_hash: str | None = None) -> di
     }
     if checkpoint_hash is not None:
         fingerprint[CHECKPOINT_HASH_FIELD] = checkpoint_hash
+    if weights_dir is not None:
+        fingerprint[WEIGHTS_FIELD] = weights_fingerprint(weights_dir, known_digests)
     return fingerprint
 
 

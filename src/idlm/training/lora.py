@@ -32,9 +32,11 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
                         opt.steps, opt.epochs)
     zero3 = zero3_loading(opt, steps, device)  # noqa: F841 - must outlive training
-    base = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
-                          attention=inputs.attention)
-    fingerprint_of_base = base_fingerprint(base, checkpoint_hash=pin["fingerprint"])
+    base_dir = common.base_model_path(cfg, pin)
+    base = load_causal_lm(base_dir, cfg.model, device, attention=inputs.attention)
+    # The adapter records the exact weights it is trained on; loaders refuse any others.
+    fingerprint_of_base = base_fingerprint(base, checkpoint_hash=pin["fingerprint"],
+                                           weights_dir=base_dir, known_digests=pin.get("files"))
     model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
                               section.dropout, section.targets, section.mask_embedding)
     fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),

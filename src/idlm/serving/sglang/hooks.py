@@ -94,11 +94,29 @@ def attach_gated_adapter(result: Any, model: Any, *args: Any, **kwargs: Any) -> 
 
     if get_parallel().tp_size != 1:
         raise ValueError("R-ISD's gated LoRA supports tensor parallel size 1 only")
+    from idlm.model.base_weights import check_adapter_base
+
+    # Before any adapter tensor is applied: SGLang read its weights from the folder
+    # transformers' config was loaded from (config._name_or_path, the --model-path).
+    check_adapter_base(settings["adapter"], _weights_folder(model.config),
+                       allow_other_base=bool(settings.get("allow_other_base", False)))
     weight = next(model.parameters())
     gate = GateBuffer(GATE_CAPACITY_REQUESTS * int(settings["block_size"]), weight.device)
     attach(model.model.layers, Path(settings["adapter"]), model.config, gate, weight.device,
            weight.dtype)
     GATES["model"] = gate
+
+
+def _weights_folder(config: Any) -> Path:
+    """The folder the server read its weights from: the local --model-path, or the HF
+    cache snapshot of a hub id (already downloaded by SGLang, so no network here)."""
+    name = str(getattr(config, "_name_or_path", ""))
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, revision=getattr(config, "_commit_hash", None),
+                                  local_files_only=True, allow_patterns=["*.safetensors"]))
 
 
 def isd_fill_ids(original: Any, req: Any) -> None:

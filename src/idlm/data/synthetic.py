@@ -102,12 +102,40 @@ def _distinct_numbers(rng: random.Random, count: int, low: int, high: int,
     return rng.sample([n for n in range(low, high + 1) if keep(n)], count)
 
 
+# Worked solutions name each option as "letter. value" while checking it, so the answer
+# letter is always copied from the last option named. Stating only the value ("the
+# largest is 98. That is option D.") left the letter to a two-hop lookup (find the
+# digits in the prompt, read the letter four tokens before them) that the tiny base
+# never learned: it got the value right and answered "D" for nearly every item.
+def _labelled(options: list[int], index: int) -> str:
+    return f"{LETTERS[index]}. {options[index]}"
+
+
 def _mc_extreme(rng: random.Random, largest: bool) -> tuple[str, list[int], int, str]:
     options = _distinct_numbers(rng, 4, 1, 99)
-    answer = max(options) if largest else min(options)
-    word = "largest" if largest else "smallest"
-    listed = ", ".join(str(n) for n in options[:3]) + f" and {options[3]}"
-    return f"Which number is the {word}?", options, answer, f"Of {listed}, the {word} is {answer}."
+    word, comparison = ("largest", "larger") if largest else ("smallest", "smaller")
+    best = 0
+    steps = [f"Start with {_labelled(options, 0)}."]
+    for index in range(1, len(options)):
+        better = options[index] > options[best] if largest else options[index] < options[best]
+        if better:
+            best = index
+            steps.append(f"{_labelled(options, index)} is {comparison}, take it.")
+        else:
+            steps.append(f"{_labelled(options, index)} is not {comparison}, keep "
+                         f"{_labelled(options, best)}.")
+    steps.append(f"The {word} is {_labelled(options, best)}.")
+    return f"Which number is the {word}?", options, options[best], " ".join(steps)
+
+
+def _first_match(options: list[int], answer: int, describe: Callable[[int], str]) -> str:
+    """Check the options in order and stop at the answer (each named as 'letter. value')."""
+    steps = []
+    for index, value in enumerate(options):
+        steps.append(f"{_labelled(options, index)} {describe(value)}.")
+        if value == answer:
+            break
+    return " ".join(steps)
 
 
 def _mc_parity(rng: random.Random, even: bool) -> tuple[str, list[int], int, str]:
@@ -116,8 +144,8 @@ def _mc_parity(rng: random.Random, even: bool) -> tuple[str, list[int], int, str
     options = others + [answer]
     rng.shuffle(options)
     word = "even" if even else "odd"
-    reason = "divisible by 2" if even else "not divisible by 2"
-    reasoning = f"Only {answer} is {reason}, so it is {word}."
+    reasoning = _first_match(options, answer,
+                             lambda n: "is even" if n % 2 == 0 else "is odd")
     return f"Which number is {word}?", options, answer, reasoning
 
 
@@ -132,7 +160,9 @@ def _mc_sum_or_difference(rng: random.Random, add: bool) -> tuple[str, list[int]
         options.append(max(options) + rng.randint(1, 5))
     rng.shuffle(options)
     op = "+" if add else "-"
-    return f"What is {a}{op}{b}?", options, answer, f"{a}{op}{b}={answer}."
+    checks = _first_match(options, answer,
+                          lambda n: f"is {answer}" if n == answer else f"is not {answer}")
+    return f"What is {a}{op}{b}?", options, answer, f"{a}{op}{b}={answer}. {checks}"
 
 
 def make_multiple_choice_item(rng: random.Random) -> Generated:
@@ -147,7 +177,7 @@ def make_multiple_choice_item(rng: random.Random) -> Generated:
     lines = [question] + [f"{label}. {value}"
                           for label, value in zip(LETTERS, options, strict=True)]
     prompt = "\n".join(lines) + "\nAnswer with A, B, C or D."
-    response = f"{reasoning} That is option {letter}. Answer: {letter}"
+    response = f"{reasoning} Answer: {letter}"
     meta = {"question_type": question_type,
             "options": dict(zip(LETTERS, (str(v) for v in options), strict=True)),
             "answer": letter}

@@ -25,7 +25,9 @@ class Exactness(Section):
 
     prompts: Annotated[int, Field(gt=0)] = 4
     samples: Annotated[int, Field(gt=0)] = 2000
-    continuation: Annotated[int, Field(gt=0, le=8)] = 4
+    # Tokens per sample; None: 2N+1 at verify.stride, the shortest continuation whose last
+    # window verifies drafts a full window made (the steady state, not just cold starts).
+    continuation: Annotated[int, Field(gt=0, le=33)] | None = None
     temperature: Annotated[float, Field(gt=0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -126,7 +128,8 @@ class ExportSection(Section):
     gated adapter), each with a sha256 manifest, algorithm config and launch command."""
 
     stride: Annotated[int, Field(ge=2, le=8)] = 4
-    # Draft proposals: `sample` from q (exact at T > 0) or `argmax` of q (faster, inexact).
+    # Draft proposals: `sample` from q or `argmax` of q (verified as a one-hot proposal);
+    # both are exact samplers of the AR law at T > 0.
     proposal: Literal["sample", "argmax"] = "sample"
     seed: Annotated[int, Field(ge=0)] = 0
     max_running_requests: Annotated[int, Field(gt=0)] = 64

@@ -125,13 +125,25 @@ def summary(report: dict[str, Any], stride: int) -> dict[str, Any]:
 
 
 def _check_metrics(report: dict[str, Any], mode: str) -> dict[str, Any]:
-    lossless, exact = report[f"lossless_{mode}"], report[f"exactness_{mode}"]
-    return {f"lossless_{mode}": {"mismatches": lossless["mismatches"],
-                                 "prompts": lossless["prompts"],
-                                 "tokens_compared": lossless["tokens_compared"]},
-            f"exactness_{mode}": {"p_value": exact[mode]["p_value"] if mode in exact
-                                  else exact["isd"]["p_value"],
-                                  "ar_p_value": exact["ar"]["p_value"]}}
+    lossless = report[f"lossless_{mode}"]
+    metrics = {f"lossless_{mode}": {"mismatches": lossless["mismatches"],
+                                    "near_ties": lossless.get("near_ties", 0),
+                                    "prompts": lossless["prompts"],
+                                    "tokens_compared": lossless["tokens_compared"]}}
+    names = [f"exactness_{mode}"] + (["exactness_isd_argmax_proposal"] if mode == "isd" else [])
+    for name in names:
+        if name in report:
+            metrics[name] = _exactness_metrics(report[name])
+    return metrics
+
+
+def _exactness_metrics(exact: dict[str, Any]) -> dict[str, Any]:
+    """Joint and worst per-position p-values of the speculative sampler, AR's as calibration."""
+    return {"p_value": exact["isd"]["p_value"],
+            "min_position_p_value": exact["isd"].get("min_position_p_value"),
+            "steady_state_rounds": exact["isd"].get("steady_state_rounds"),
+            "ar_p_value": exact["ar"]["p_value"],
+            "ar_min_position_p_value": exact["ar"].get("min_position_p_value")}
 
 
 def _stride_metrics(sweep: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from idlm.decoding.requests import GenerationRequest, GenerationResult, SamplingParams
 from idlm.serving import protocol as wire
+from idlm.serving.openapi import reserved_template_keys
 from idlm.serving.protocol import APIError
 from idlm.serving.server import LOG, ServeSettings
 from idlm.serving.text import TextStream, chat_prompt_ids, text_ids
@@ -50,6 +51,7 @@ class Service:
                                       max_new_tokens=settings.max_new_tokens)
         self.worker = EngineWorker(session, max_waiting=settings.max_waiting)
         self.created = int(time.time())
+        self.reserved_template_keys = set(reserved_template_keys(self.tokenizer))
 
     # ------------------------------------------------------------------ requests
     def engine_request(self, fields: wire.SamplingFields, prompt_ids: list[int],
@@ -83,6 +85,11 @@ class Service:
 
     def chat_request(self, body: wire.ChatCompletionRequest) -> GenerationRequest:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        reserved = sorted(set(body.chat_template_kwargs or {}) & self.reserved_template_keys)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs key {reserved[0]!r} is reserved (a "
+                                "template variable or apply_chat_template keyword)",
+                           param="chat_template_kwargs")
         ids = chat_prompt_ids(self.tokenizer, messages, body.chat_template_kwargs,
                               body.add_generation_prompt)
         return self.engine_request(body, ids, "messages")
@@ -227,6 +234,7 @@ def build_app(engine: Any, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="idlm serve", lifespan=lifespan)
     app.state.service = service
     _install_error_handlers(app, service)
+    _publish_truthful_schema(app, engine, settings.model_name)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -262,6 +270,18 @@ def build_app(engine: Any, settings: ServeSettings) -> FastAPI:
     return app
 
 
+def _publish_truthful_schema(app: FastAPI, engine: Any, model_name: str) -> None:
+    """/openapi.json states the statuses and limits the server enforces (built once)."""
+    from idlm.serving.openapi import truthful_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = truthful_openapi(app, engine, model_name)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _install_error_handlers(app: FastAPI, service: Service) -> None:
     def reply(status: int, message: str, type: str = "invalid_request_error",
               param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -280,8 +300,10 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Any, error: HTTPException) -> JSONResponse:
-        return reply(error.status_code, str(error.detail),
-                     "not_found_error" if error.status_code == 404 else "invalid_request_error")
+        answer = reply(error.status_code, str(error.detail),
+                       "not_found_error" if error.status_code == 404 else "invalid_request_error")
+        answer.headers.update(error.headers or {})  # a 405 keeps its Allow header (RFC 9110)
+        return answer
 
     @app.exception_handler(Exception)
     async def crash(_: Any, error: Exception) -> JSONResponse:

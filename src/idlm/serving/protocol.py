@@ -1,6 +1,7 @@
 """The OpenAI-compatible wire format: request schemas, errors, response and chunk bodies.
 
-Requests are pydantic models that ignore fields they do not know (clients such as the
+Requests are strict pydantic models (``"max_tokens": "5"`` or ``"stream": 0`` is a 400, as
+the published schema says) that ignore fields they do not know (clients such as the
 openai package and guidellm send many); fields whose non-default value would change
 the output in a way the engine cannot honour (n > 1, logprobs, tools, penalties, ...)
 are refused with a 400 that names the field. Extensions from vLLM / SGLang: ``top_k``,
@@ -12,11 +13,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema counts them: 219.0 is one, "219" and 219.5 are not. (Bounds go
+# before the validator, as in max_tokens, or the published schema loses them.)
+JsonInt = Annotated[int, BeforeValidator(_integral)]
 
 
 class APIError(Exception):
@@ -38,7 +48,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -46,16 +56,16 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_k: Annotated[int, Field(ge=-1), BeforeValidator(_integral)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = 1
+    seed: JsonInt | None = None
+    n: JsonInt | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
@@ -63,9 +73,9 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: bool | JsonInt | None = None
+    top_logprobs: JsonInt | None = None
+    best_of: JsonInt | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -104,7 +114,7 @@ class SamplingFields(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -128,7 +138,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
     echo: bool | None = False
     suffix: str | None = None
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from idlm.decoding.engine import DecodingEngine
 from idlm.decoding.kv_cache import RaggedKVCache
-from idlm.decoding.lean_forward import HFDecoder, LeanDecoder, decoder_forward
+from idlm.decoding.lean_forward import DecoderForward, HFDecoder, LeanDecoder, decoder_forward
 from idlm.decoding.requests import GenerationRequest, SamplingParams
 from idlm.model.gated_lora import attach_gated_lora, find_token_gate
 from tests.conftest import MASK_ID, tiny_qwen3
@@ -36,23 +36,23 @@ def windows(seed: int = 0, steps: int = 18) -> list[torch.Tensor]:
     return [prefill, *decode]
 
 
-def run_windows(forward, model: torch.nn.Module, steps: list[torch.Tensor],
-                width: int | None = None) -> list[torch.Tensor]:
-    """Logits of every step; each decode step keeps 3 slots (``width`` cuts the windows)."""
+def run_windows(forward: DecoderForward, model: torch.nn.Module, steps: list[torch.Tensor],
+                width: int | None = None, rows: int = 2) -> list[torch.Tensor]:
+    """Logits of every step; each decode step keeps 3 slots (``width`` cuts the windows,
+    ``rows`` 1 keeps the first row: its MASK rows are then one contiguous run)."""
     config = model.config
-    cache = RaggedKVCache.for_model(config, 2, 16, model.lm_head.weight.dtype, "cpu")
-    lengths = torch.zeros(2, dtype=torch.long)
+    cache = RaggedKVCache.for_model(config, rows, 16, model.lm_head.weight.dtype, "cpu")
+    lengths = torch.zeros(rows, dtype=torch.long)
     logits = []
     with torch.inference_mode():
         for step, window in enumerate(steps):
-            if step:
-                window = window[:, :width]
+            window = window[:rows, :width] if step else window[:rows]
             positions = lengths[:, None] + torch.arange(window.shape[1])
             key_length = int(lengths.max()) + window.shape[1]
             drafting = window == MASK_ID
             hidden = forward(window, positions, cache, lengths, key_length, drafting)
             logits.append(model.lm_head(hidden))
-            lengths = torch.tensor(PREFIX_LENGTHS) if step == 0 else lengths + 3
+            lengths = torch.tensor(PREFIX_LENGTHS[:rows]) if step == 0 else lengths + 3
     return logits
 
 
@@ -126,23 +126,25 @@ def test_ar_step_logits_equal_the_isd_anchor_logits(dtype: torch.dtype) -> None:
     assert torch.equal(anchor_isd, anchor_ar)
 
 
-def test_gated_rows_only_differ_from_the_base() -> None:
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gated_rows_only_differ_from_the_base(rows: int) -> None:
     base, gated = tiny_qwen3(seed=3), gated_model(seed=3)
     steps = windows()
-    lean_base = run_windows(forwards(base)[0], base, steps)
-    lean_gated = run_windows(forwards(gated)[0], base, steps)
+    lean_base = run_windows(forwards(base)[0], base, steps, rows=rows)
+    lean_gated = run_windows(forwards(gated)[0], base, steps, rows=rows)
     for ours, reference in zip(lean_gated[1:], lean_base[1:], strict=True):
         # Rows before the MASK tail never see a MASK key: bit-identical to the base.
         assert torch.equal(ours[:, :MASK_SLOTS.start], reference[:, :MASK_SLOTS.start])
         assert (ours[:, MASK_SLOTS] - reference[:, MASK_SLOTS]).abs().amax() > 0.05
 
 
-def test_gated_rows_match_the_peft_path() -> None:
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gated_rows_match_the_peft_path(rows: int) -> None:
     gated = gated_model(seed=3)
     lean, peft_path = forwards(gated)
     steps = windows()
-    for ours, theirs in zip(run_windows(lean, gated, steps), run_windows(peft_path, gated,
-                                                                         steps), strict=True):
+    for ours, theirs in zip(run_windows(lean, gated, steps, rows=rows),
+                            run_windows(peft_path, gated, steps, rows=rows), strict=True):
         assert (ours - theirs).abs().amax() <= 1e-5
 
 

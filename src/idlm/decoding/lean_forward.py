@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
-from idlm.decoding.lean_lora import GroupLora, LayerLora, LeanUnsupported, layer_lora
+from idlm.decoding.lean_lora import GatedRows, GroupLora, LayerLora, LeanUnsupported, layer_lora
 
 # RoPE types whose tables depend on the sequence length: the fixed tables would be wrong.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -57,9 +57,10 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     head_norm: torch.Tensor   # [q_heads + kv_heads, head_dim]: q_norm then k_norm weights
-    qkv: torch.Tensor         # [(q_heads + 2 kv_heads) * head_dim, hidden]
+    # Matmul weights laid out [in, out] (see _matmul_weight).
+    qkv: torch.Tensor         # [hidden, (q_heads + 2 kv_heads) * head_dim]
     out: torch.Tensor
-    gate_up: torch.Tensor     # [2 * intermediate, hidden]
+    gate_up: torch.Tensor     # [hidden, 2 * intermediate]
     down: torch.Tensor
     lora: LayerLora | None
 
@@ -92,6 +93,8 @@ class LeanDecoder:
         self.cos, self.sin = _rope_tables(self.decoder, key_length, self.embed)
         # Every mask and window index is a slice of this: nothing is built per step.
         self.slots = torch.arange(key_length, device=self.embed.device)
+        self.blocked = torch.tensor(float("-inf"), dtype=self.embed.dtype,
+                                    device=self.embed.device)
 
     def _layer(self, layer: nn.Module) -> LayerWeights:
         attention, mlp = layer.self_attn, layer.mlp
@@ -103,11 +106,11 @@ class LeanDecoder:
             input_norm=layer.input_layernorm.weight.detach(),
             post_norm=layer.post_attention_layernorm.weight.detach(),
             head_norm=torch.cat([q_norm, k_norm]).contiguous(),
-            qkv=torch.cat([_base_weight(m) for m in qkv]).contiguous(),
-            out=_base_weight(attention.o_proj),
-            gate_up=torch.cat([_base_weight(m) for m in gate_up]).contiguous(),
-            down=_base_weight(mlp.down_proj),
-            lora=layer_lora(qkv, gate_up, attention.o_proj, mlp.down_proj))
+            qkv=torch.cat([_base_weight(m).t() for m in qkv], dim=1),
+            out=_matmul_weight(_base_weight(attention.o_proj)),
+            gate_up=torch.cat([_base_weight(m).t() for m in gate_up], dim=1),
+            down=_matmul_weight(_base_weight(mlp.down_proj)),
+            lora=layer_lora(qkv, gate_up, attention.o_proj, mlp.down_proj, self.embed.dtype))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache: RaggedKVCache, lengths: torch.Tensor, key_length: int,
@@ -128,8 +131,11 @@ class LeanDecoder:
         hidden = F.embedding(input_ids, self.embed).view(rows * width, -1)
         if gated_rows is not None and self.mask_delta is not None:
             # The same add as MaskEmbeddingDelta's, at the gated rows only.
-            hidden.index_copy_(0, gated_rows, hidden.index_select(0, gated_rows)
-                               + self.mask_delta)
+            if isinstance(gated_rows, slice):
+                hidden[gated_rows] += self.mask_delta
+            else:
+                hidden.index_copy_(0, gated_rows, hidden.index_select(0, gated_rows)
+                                   + self.mask_delta)
         positions = position_ids.reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         mask = self._mask(lengths, width, key_length)
@@ -137,32 +143,38 @@ class LeanDecoder:
             lora = layer.lora if gated_rows is not None else None
             hidden = self._layer_forward(layer, lora, hidden, gated_rows, cache, index,
                                          (cos, sin), mask, (rows, width))
-        return F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps).view(
-            rows, width, -1)
+        return _rms_norm(hidden, self.final_norm, self.eps).view(rows, width, -1)
 
-    def _gated_rows(self, drafting: torch.Tensor | None) -> torch.Tensor | None:
-        """Flat indices of the MASK rows, once per forward; None when the LoRA can be skipped."""
+    def _gated_rows(self, drafting: torch.Tensor | None) -> GatedRows | None:
+        """The flat MASK rows, once per forward (a slice when contiguous); None when the
+        LoRA can be skipped."""
         if not self.gated or drafting is None:
             return None
         gated_rows = drafting.reshape(-1).nonzero().squeeze(-1)
-        return gated_rows if gated_rows.numel() else None
+        if not gated_rows.numel():
+            return None
+        first, last = gated_rows[[0, -1]].tolist()
+        return slice(first, last + 1) if last - first + 1 == gated_rows.numel() else gated_rows
 
     def _mask(self, lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
-        """Bool [B, 1, W, K]: query i of row r sees slots <= lengths[r] + i (causal, ragged)."""
+        """Additive [B, 1, W, K]: query i of row r sees slots <= lengths[r] + i (causal,
+        ragged). Built once per forward as the float mask SDPA would make of a bool one in
+        every layer."""
         query_limit = lengths[:, None] + self.slots[:width]
-        return (self.slots[:key_length] <= query_limit[:, :, None])[:, None]
+        visible = (self.slots[:key_length] <= query_limit[:, :, None])[:, None]
+        return self.blocked.new_zeros(()).where(visible, self.blocked)
 
     def _layer_forward(self, layer: LayerWeights, lora: LayerLora | None,
-                       hidden: torch.Tensor, gated_rows: torch.Tensor | None,
+                       hidden: torch.Tensor, gated_rows: GatedRows | None,
                        cache: RaggedKVCache, index: int,
                        rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                        shape: tuple[int, int]) -> torch.Tensor:
         rows, width = shape
-        normed = F.rms_norm(hidden, hidden.shape[-1:], layer.input_norm, self.eps)
+        normed = _rms_norm(hidden, layer.input_norm, self.eps)
         qkv = _linear(normed, layer.qkv, lora and lora.qkv, gated_rows)
         qkv = qkv.view(rows * width, self.q_heads + 2 * self.kv_heads, self.head_dim)
-        query_key = self._rotate(_head_norm(qkv[:, :self.q_heads + self.kv_heads],
-                                            layer.head_norm, self.eps), *rope)
+        query_key = self._rotate(_rms_norm(qkv[:, :self.q_heads + self.kv_heads],
+                                           layer.head_norm, self.eps), *rope)
         query, key = query_key.split([self.q_heads, self.kv_heads], dim=1)
         value = qkv[:, self.q_heads + self.kv_heads:]
         keys, values = cache.update(_heads_first(key, rows, width),
@@ -172,7 +184,7 @@ class LeanDecoder:
             scale=self.scale, enable_gqa=self.q_heads != self.kv_heads)
         attended = attended.transpose(1, 2).reshape(rows * width, -1)
         hidden = hidden + _linear(attended, layer.out, lora and lora.out, gated_rows)
-        normed = F.rms_norm(hidden, hidden.shape[-1:], layer.post_norm, self.eps)
+        normed = _rms_norm(hidden, layer.post_norm, self.eps)
         gate_up = _linear(normed, layer.gate_up, lora and lora.gate_up, gated_rows)
         gate, up = gate_up.chunk(2, dim=-1)
         return hidden + _linear(F.silu(gate) * up, layer.down, lora and lora.down, gated_rows)
@@ -180,23 +192,29 @@ class LeanDecoder:
     def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> torch.Tensor:
         """RoPE, HF's ``x * cos + rotate_half(x) * sin``: ``sin`` carries rotate_half's sign
-        (its first half negated), so rotate_half becomes one roll."""
-        return heads * cos + heads.roll(self.head_dim // 2, dims=-1) * sin
+        (its first half negated), so rotate_half becomes a swap of the halves."""
+        half = self.head_dim // 2
+        swapped = torch.cat([heads[..., half:], heads[..., :half]], dim=-1)
+        return heads * cos + swapped * sin
 
 
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, lora: GroupLora | None,
-            gated_rows: torch.Tensor | None) -> torch.Tensor:
-    """``inputs @ weight.T``, plus the low-rank update at the gated rows (in place, so the
-    other rows keep the base result bit for bit)."""
-    output = F.linear(inputs, weight)
+            gated_rows: GatedRows | None) -> torch.Tensor:
+    """``inputs @ weight`` ([in, out]), plus the low-rank update at the gated rows."""
+    output = torch.mm(inputs, weight)
     if lora is not None and gated_rows is not None:
-        output.index_add_(0, gated_rows, lora.delta(inputs.index_select(0, gated_rows)))
+        lora.add_to(output, inputs, gated_rows)
     return output
 
 
-def _head_norm(heads: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3's per-head RMSNorm on q and k at once (each head has its own weight row)."""
-    return F.rms_norm(heads, heads.shape[-1:], None, eps) * weight
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Qwen3RMSNorm op for op (in fp32, weight applied in the input dtype); the q/k
+    head norm passes one weight row per head. Fewer ops than F.rms_norm on CPU."""
+    if hidden.dtype == torch.float32:  # the casts are no-ops, but each is a dispatch
+        return weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps))
+    upcast = hidden.float()
+    normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(hidden.dtype)
 
 
 def _heads_first(heads: torch.Tensor, rows: int, width: int) -> torch.Tensor:
@@ -219,6 +237,13 @@ def _mask_delta(token_gate: Any, dtype: torch.dtype) -> torch.Tensor | None:
     delta_module = getattr(token_gate, "mask_embedding", None)
     # Cast as MaskEmbeddingDelta casts it: to the embeddings' dtype, before the add.
     return None if delta_module is None else delta_module.delta.detach().to(dtype)
+
+
+def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An [out, in] weight as the [in, out] matrix ``_linear`` multiplies by: a copy on CPU,
+    where MKL multiplies a few rows by a contiguous [in, out] matrix about twice as fast as
+    by its transpose (what F.linear does); a view elsewhere (cuBLAS takes either)."""
+    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:

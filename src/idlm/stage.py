@@ -76,9 +76,11 @@ def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from idlm.decoding.requests import DecodingError  # a model folder a stage could not load
+
     try:
         metrics = run(cfg)
-    except StageError as exc:
+    except (StageError, DecodingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"stage": name, **(metrics or {})}, indent=2, sort_keys=True, default=str))

@@ -44,17 +44,26 @@ def _tokenizer(model_dir: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    from idlm.model.factory import rerun_hint
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as error:  # a damaged file raises json, tokenizers or OS errors
+        raise DecodingError(f"{model_dir}: cannot load the tokenizer "
+                            f"({type(error).__name__}); {rerun_hint(model_dir)}") from None
 
 
 def _model(model_dir: Path, device: str, dtype: Any) -> Any:
     import torch
 
     from idlm.model.factory import load_causal_lm
+    from idlm.stage import StageError
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, dtype)
     try:
         return load_causal_lm(model_dir, device=device, dtype=dtype, attention="sdpa")
+    except StageError as error:  # a damaged weight file, already one line
+        raise DecodingError(str(error)) from None
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DecodingError(f"cannot load the model in {model_dir}: {first_line}") from None

@@ -80,8 +80,32 @@ def load_causal_lm(
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
     if attention is None:
         attention = attention_implementation(model_cfg.attention if model_cfg else "auto", device)
+    check_weight_files(Path(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.to(device)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every weight file's header parses and covers the file, before transformers reads it:
+    a truncated or damaged file is one line naming it and what to do, not a traceback."""
+    from idlm.model.hub import CheckpointError, check_safetensors_header
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            check_safetensors_header(weights)
+        except CheckpointError:
+            raise CheckpointError(f"{weights}: truncated or corrupt safetensors file; "
+                                  f"{rerun_hint(folder)}") from None
+
+
+def rerun_hint(folder: Path) -> str:
+    """What rebuilds a model folder: its stage (outputs/<stage>/model) or its source."""
+    from idlm.config import STAGES
+
+    stage = folder.resolve().parent.name
+    if folder.name == "model" and stage in STAGES:
+        return f"rerun `dvc repro {stage}` (it rewrites {folder})"
+    return "re-save or re-download the checkpoint"
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -133,9 +133,6 @@ def test_training_stages_refuse_a_corrupt_prepared_tokenizer(prepared, tmp_path)
     assert "\n" not in str(info.value) and "rerun `dvc repro prepare`" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="src/idlm/data/prepare.py's manifest records each "
-                   "shard's bytes and rows, not its sha256: a flipped byte inside the Arrow "
-                   "data loads silently (issue 15 item 5; the data owner's file)")
 def test_a_flipped_byte_in_a_data_shard_is_refused(prepared, tmp_path) -> None:
     from idlm.config import load_profile
     from idlm.data.prepare import load_split

@@ -6,7 +6,7 @@ Outputs, all under ``cfg.out("prepare")`` and each written atomically:
 - ``train/``, ``eval/`` ``Dataset.save_to_disk`` shards with ``input_ids`` (int32 list),
                        ``prompt_length`` (int32) and ``kind`` (string); the response is
                        ``input_ids[prompt_length:]`` and ends with eos (``<|im_end|>``).
-                       Each folder also holds ``manifest.json`` (rows and bytes per shard)
+                       Each folder also holds ``manifest.json`` (rows, bytes and sha256 per shard)
                        so a truncated shard is caught by :func:`load_split`.
 - ``eval_items.jsonl`` held-out items (id, kind, prompt, messages, reference, meta)
 - ``metrics.json``     rows/tokens per split, rejected rows by reason, vocab, MASK id
@@ -17,6 +17,7 @@ Downstream stages read them with :func:`load_split`, :func:`load_tokenizer` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -142,7 +143,8 @@ def save_split(split: Dataset, final: Path, shard_rows: int) -> dict[str, Any]:
         names = [entry["filename"] for entry in
                  json.loads((tmp / "state.json").read_text())["_data_files"]]
         tables = [_read_shard(tmp / name) for name in names]
-        shards = {name: {"rows": table.num_rows, "bytes": (tmp / name).stat().st_size}
+        shards = {name: {"rows": table.num_rows, "bytes": (tmp / name).stat().st_size,
+                         "sha256": _sha256(tmp / name)}
                   for name, table in zip(names, tables, strict=True)}
         write_json_atomic(tmp / MANIFEST, {"rows": len(split), "shards": shards})
         stats = _split_stats(tables, num_shards)
@@ -238,6 +240,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- readers for later stages
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_split(path: Path) -> None:
     """Every shard the manifest lists is present, whole and readable, or a one-line error."""
     manifest_path = path / MANIFEST
@@ -254,6 +264,9 @@ def verify_split(path: Path) -> None:
             problem = "missing"
         elif shard.stat().st_size != expected["bytes"]:
             problem = f"{shard.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
+        elif "sha256" in expected and _sha256(shard) != expected["sha256"]:
+            # Size and row count survive a flipped byte inside the Arrow data; the hash does not.
+            problem = "contents differ from the sha256 prepare recorded"
         else:
             try:
                 rows = _read_shard(shard).num_rows

@@ -9,7 +9,8 @@ Systems: ``hf_generate`` (base, batched, left-padded), ``ar`` (engine, base), ``
 decodes the same prompts with the same budget and stop ids; each (system, batch) cell is
 timed ``--repeats`` times after a warm-up, interleaved, and the fastest run is kept (the
 machine may be shared). Tokens/s counts generated tokens (stop token included) per second
-of wall time over the whole batch.
+of wall time over the whole batch. ``ms_per_step_forward`` is an engine system's cost per
+decode-step forward, prefill excluded (a 1-token run's time and forwards subtracted).
 """
 
 from __future__ import annotations
@@ -90,18 +91,25 @@ def make_prompts(args: argparse.Namespace, engine: Any, count: int) -> list[list
 
 def run_engine(engine: Any, prompts: list[list[int]], mode: str, stride: int,
                max_new_tokens: int) -> dict[str, Any]:
+    """One timed ``generate``, then a 1-token one (the prefill forward alone) so that the
+    decode steps' forward cost can be reported without the prefill."""
     from idlm.decoding import GenerationRequest, SamplingParams, aggregate
 
-    sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    requests = [GenerationRequest(p, mode, stride if mode == "isd" else 1, sampling)
-                for p in prompts]
-    before = engine.forwards_run
-    started = time.perf_counter()
-    results = engine.generate(requests)
-    seconds = time.perf_counter() - started
+    def timed(budget: int) -> tuple[float, int, list[Any]]:
+        sampling = SamplingParams(max_new_tokens=budget)
+        requests = [GenerationRequest(p, mode, stride if mode == "isd" else 1, sampling)
+                    for p in prompts]
+        before = engine.forwards_run
+        started = time.perf_counter()
+        results = engine.generate(requests)
+        return time.perf_counter() - started, engine.forwards_run - before, results
+
+    seconds, forwards, results = timed(max_new_tokens)
+    prefill_seconds, prefill_forwards, _ = timed(1)
     summary = aggregate(r.stats for r in results)
-    return {"seconds": seconds, "tokens": summary["tokens"],
-            "batch_forwards": engine.forwards_run - before,
+    return {"seconds": seconds, "tokens": summary["tokens"], "batch_forwards": forwards,
+            "ms_per_step_forward": 1e3 * max(0.0, seconds - prefill_seconds)
+            / max(1, forwards - prefill_forwards),
             "tokens_per_forward": summary["tokens_per_forward"],
             "acceptance": summary["acceptance"]}
 
@@ -243,8 +251,15 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         return {b: round(r[top]["tokens_per_second"] / r[bottom]["tokens_per_second"], 3)
                 for b, r in results.items()}
 
+    def cost(top: str, bottom: str) -> dict[str, float]:
+        return {b: round(r[top]["ms_per_step_forward"] / r[bottom]["ms_per_step_forward"], 3)
+                for b, r in results.items()}
+
+    # Tokens/s ratios, then per-forward cost ratios of the decode steps (prefill excluded).
     return {"isd_over_ar": ratio("isd", "ar"), "risd_over_ar": ratio("risd", "ar"),
-            "ar_over_hf_generate": ratio("ar", "hf_generate")}
+            "ar_over_hf_generate": ratio("ar", "hf_generate"),
+            "step_forward_cost_isd_over_ar": cost("isd", "ar"),
+            "step_forward_cost_risd_over_isd": cost("risd", "isd")}
 
 
 if __name__ == "__main__":

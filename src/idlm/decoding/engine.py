@@ -11,6 +11,10 @@ everywhere else. That is the token rule ``input_ids == MASK`` whenever the conte
 no MASK id, and stays lossless when it does (a random base can emit the MASK id as an
 ordinary token; AR would treat it as one, so R-ISD must too).
 
+The decoder forward is ``lean_forward``'s: a functional Qwen3 over the model's weights
+that reads the gated LoRA as fused low-rank updates at the MASK rows (transformers'
+decoder only for models it cannot run; ``forward_fallback`` says why).
+
 Scheduling (admission, streaming, retirement) lives in ``scheduler.EngineSession``:
 ``generate`` runs one session per call, a server keeps one open (``open_session``).
 """

@@ -6,10 +6,15 @@ cache and kwargs handling, PEFT's per-linear wrappers and the gate hooks), not a
 matmuls, one RMSNorm over the q and k heads together, RoPE from tables built once, K/V
 written straight into the engine's ``RaggedKVCache`` and one SDPA call.
 
-Every step, AR or ISD, attends through the same call (an explicit boolean mask, GQA
-inside SDPA), so an AR step and an ISD window's anchor rows run the same attention kernel
-in the same dtype. (Whether their logits are then bit-equal also depends on the matmul
-backend: fp32 MKL picks kernels by row count, bf16 oneDNN does not; see the tests.)
+Every step, AR or ISD, attends through the same call (an explicit additive mask, GQA
+inside SDPA, the key length rounded up to a bucket), so an AR step and an ISD window's
+anchor rows run the same attention kernel over the same keys in the same dtype. Whether
+their logits are then bit-equal depends on the matmul backend too: bf16 (oneDNN) gives a
+row the same bits whatever the row count, fp32 MKL does not (it picks a kernel by row
+count), so there they agree to ~1e-7 only; see the tests.
+
+Memory: the fused q/k/v and gate/up matrices are copies (on CPU, o and down are also
+copied, transposed), so those weights are held twice while an engine lives.
 
 R-ISD: a gated LoRA (``idlm.model.gated_lora``) is read from its PEFT modules once, as
 fused low-rank updates (``lean_lora.py``) applied only at the gated (MASK) rows, and not

@@ -411,12 +411,21 @@ def check_files(cfg: Config, source: str | Path) -> None:
     local += [(f"evaluate.overrides.{name}.path", override.path or "")
               for name, override in cfg.evaluate.overrides.items()]
     for key, value in local:
-        if looks_local(value) and not resolve_path(value).exists():
+        if looks_local(value) and not _made_by_a_stage(cfg, value) and \
+                not resolve_path(value).exists():
             raise ConfigError(f"{source}: key '{key}': path '{value}' not found")
-    # Inputs the user supplies (not made by a stage): they must exist whatever they look like.
-    if cfg.gate.prompt_file and not resolve_path(cfg.gate.prompt_file).is_file():
+    # Inputs the user supplies must exist whatever they look like; a file under the outputs
+    # folder is a stage's output (the default, prepare's held-out items), which `dvc repro`
+    # deletes and rebuilds: the stage that reads it checks it when it runs.
+    prompt_file = cfg.gate.prompt_file
+    if prompt_file and not _made_by_a_stage(cfg, prompt_file) and \
+            not resolve_path(prompt_file).is_file():
         raise ConfigError(f"{source}: key 'gate.prompt_file': file '{cfg.gate.prompt_file}' not "
                           "found; give a JSONL file with a 'prompt' field per row, or null")
+
+
+def _made_by_a_stage(cfg: Config, value: str) -> bool:
+    return resolve_path(value).resolve().is_relative_to(cfg.out().resolve())
 
 
 def looks_local(value: str) -> bool:

@@ -26,8 +26,10 @@ class EngineBackend:
 
     def __init__(self, engine: Any, mode: Literal["ar", "isd"] = "isd", *, stride: int = 4,
                  thinking: bool = True, proposal: Literal["sample", "argmax"] = "sample",
-                 tokenizer: Any = None, name: str | None = None) -> None:
+                 tokenizer: Any = None, name: str | None = None,
+                 weights: str | None = None) -> None:
         self.engine = engine
+        self.weights = weights
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         if self.tokenizer is None:
             raise ValueError("the engine has no tokenizer: pass tokenizer=...")
@@ -36,8 +38,11 @@ class EngineBackend:
 
     @property
     def identity(self) -> dict[str, Any]:
+        # ``weights``: what was loaded, so a retrained model never resumes an old model's
+        # sample log (the settings alone are the same before and after retraining).
         return {"mode": self.engine.name if self.mode == "isd" else "ar",
-                "stride": self.stride if self.mode == "isd" else 1, "proposal": self.proposal}
+                "stride": self.stride if self.mode == "isd" else 1, "proposal": self.proposal,
+                "weights": self.weights}
 
     def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
@@ -76,8 +81,12 @@ def engine_backend(model_dir: str | Path, adapter_dir: str | Path | None = None,
                    dtype: Any = None, max_batch_size: int = 64) -> EngineBackend:
     """Load a model folder (and, for ``risd``, its gated adapter) and wrap the engine."""
     from idlm.decoding.loading import load_engine
+    from idlm.model.base_weights import weights_fingerprint
 
     engine = load_engine(model_dir, adapter_dir, mode=system, device=device, dtype=dtype,
                          max_batch_size=max_batch_size)
+    weights = weights_fingerprint(model_dir)
+    if adapter_dir is not None:
+        weights += "+" + weights_fingerprint(adapter_dir)
     return EngineBackend(engine, "ar" if system == "ar" else "isd", stride=stride,
-                         thinking=thinking, proposal=proposal, name=system)
+                         thinking=thinking, proposal=proposal, name=system, weights=weights)

@@ -120,7 +120,11 @@ def test_missing_inputs_fail_before_any_server_starts(outputs: Path, tmp_path: P
     cfg = config.load_profile("tiny", [*base, "gate.arms.isd.model=/nonexistent/model"])
     with pytest.raises(StageError, match="arm 'isd' needs a model folder at /nonexistent"):
         run(cfg)
-    cfg = config.load_profile("tiny", [*base, f"gate.prompt_file={tmp_path}/none.jsonl"])
+    # A prompt file the user names is checked with the config; one a stage makes (under
+    # the outputs folder) by the gate, when it runs.
+    with pytest.raises(config.ConfigError, match="'gate.prompt_file'.*none.jsonl' not found"):
+        config.load_profile("tiny", [*base, f"gate.prompt_file={tmp_path}/none.jsonl"])
+    cfg = config.load_profile("tiny", [*base, f"gate.prompt_file={outputs}/none.jsonl"])
     with pytest.raises(StageError, match="gate.prompt_file .*none.jsonl not found"):
         run(cfg)
-    assert not (tmp_path / "none.jsonl").exists()
+    assert not (outputs / "none.jsonl").exists()

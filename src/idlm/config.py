@@ -56,6 +56,10 @@ def active_config() -> Path:
 STAGES = ("prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate")
 
 
+# The outputs folder of every profile, relative to the repository root.
+DEFAULT_OUTPUTS = "outputs"
+
+
 class ConfigError(ValueError):
     """A config problem, already phrased as one line for the user."""
 
@@ -264,7 +268,7 @@ class FlowConfig(Section):
 class Config(Section):
     profile: Annotated[str, Field(min_length=1)] = "tiny"
     seed: Annotated[int, Field(ge=0)] = 0
-    outputs: Annotated[str, Field(min_length=1)] = "outputs"
+    outputs: Annotated[str, Field(min_length=1)] = DEFAULT_OUTPUTS
     # How dvc.yaml starts the training stages: `python` (one process) or a DeepSpeed
     # launcher, e.g. `deepspeed --num_gpus 8` or `deepspeed --hostfile infra/hostfile`.
     launcher: Annotated[str, Field(min_length=1)] = "python"
@@ -425,7 +429,11 @@ def check_files(cfg: Config, source: str | Path) -> None:
 
 
 def _made_by_a_stage(cfg: Config, value: str) -> bool:
-    return resolve_path(value).resolve().is_relative_to(cfg.out().resolve())
+    """Under this run's outputs folder, or under the profiles' default one: a run with
+    ``outputs=<elsewhere>`` (a test, an experiment) still names the default prompt file."""
+    path = resolve_path(value).resolve()
+    roots = (cfg.out().resolve(), (workspace() / DEFAULT_OUTPUTS).resolve())
+    return any(path.is_relative_to(root) for root in roots)
 
 
 def looks_local(value: str) -> bool:

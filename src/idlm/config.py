@@ -12,7 +12,6 @@ Only pydantic and yaml are imported here, so validation fails fast (well under
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,41 +27,16 @@ from idlm.config_downstream import (
     Section,
     VerifySection,
 )
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-def workspace() -> Path:
-    """The project checkout we act on: $IDLM_WORKSPACE, else the nearest folder (from the
-    current directory up) holding dvc.yaml, else the checkout this package came from.
-    DVC runs stage commands from the folder of dvc.yaml, so stages find it either way."""
-    if os.environ.get("IDLM_WORKSPACE"):
-        return Path(os.environ["IDLM_WORKSPACE"]).resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file() and (folder / "configs").is_dir():
-            return folder
-    return PACKAGE_ROOT
-
-
-def config_dir() -> Path:
-    return workspace() / "configs"
-
-
-def active_config() -> Path:
-    return workspace() / "params.yaml"
-
+from idlm.config_paths import (
+    DEFAULT_OUTPUTS,
+    ConfigError,
+    active_config,
+    check_files,
+    config_dir,
+    workspace,
+)
 
 STAGES = ("prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate")
-
-
-# The outputs folder of every profile, relative to the repository root.
-DEFAULT_OUTPUTS = "outputs"
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line for the user."""
-
 
 
 # ---------------------------------------------------------------- prepare
@@ -398,51 +372,6 @@ def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
         known = ", ".join(sorted(p.stem for p in config_dir().glob("*.yaml")))
         raise ConfigError(f"{path}: no such profile '{profile}' (known: {known})")
     return load(path, overrides)
-
-
-def check_files(cfg: Config, source: str | Path) -> None:
-    """Files the config names must exist before any heavy work starts."""
-    ds_files = [("base.train.deepspeed", cfg.base.train.deepspeed)] if cfg.base.train else []
-    ds_files.append(("ic.train.deepspeed", cfg.ic.train.deepspeed))
-    ds_files.append(("lora.train.deepspeed", cfg.lora.train.deepspeed))
-    for key, rel in ds_files:
-        if not resolve_path(rel).is_file():
-            raise ConfigError(f"{source}: key '{key}': file '{rel}' not found")
-    local = [("model.name_or_path", cfg.model.name_or_path),
-             ("prepare.dataset.name_or_path", cfg.prepare.dataset.name_or_path),
-             ("prepare.tokenizer.name_or_path", cfg.prepare.tokenizer.name_or_path),
-             ("gate.tokenizer", cfg.gate.tokenizer or "")]
-    local += [(f"evaluate.overrides.{name}.path", override.path or "")
-              for name, override in cfg.evaluate.overrides.items()]
-    for key, value in local:
-        if looks_local(value) and not _made_by_a_stage(cfg, value) and \
-                not resolve_path(value).exists():
-            raise ConfigError(f"{source}: key '{key}': path '{value}' not found")
-    # Inputs the user supplies must exist whatever they look like; a file under the outputs
-    # folder is a stage's output (the default, prepare's held-out items), which `dvc repro`
-    # deletes and rebuilds: the stage that reads it checks it when it runs.
-    prompt_file = cfg.gate.prompt_file
-    if prompt_file and not _made_by_a_stage(cfg, prompt_file) and \
-            not resolve_path(prompt_file).is_file():
-        raise ConfigError(f"{source}: key 'gate.prompt_file': file '{cfg.gate.prompt_file}' not "
-                          "found; give a JSONL file with a 'prompt' field per row, or null")
-
-
-def _made_by_a_stage(cfg: Config, value: str) -> bool:
-    """Under this run's outputs folder, or under the profiles' default one: a run with
-    ``outputs=<elsewhere>`` (a test, an experiment) still names the default prompt file."""
-    path = resolve_path(value).resolve()
-    roots = (cfg.out().resolve(), (workspace() / DEFAULT_OUTPUTS).resolve())
-    return any(path.is_relative_to(root) for root in roots)
-
-
-def looks_local(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
-
-
-def resolve_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else workspace() / path
 
 
 def dump(cfg: Config) -> str:

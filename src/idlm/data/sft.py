@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idlm.config import HubData, looks_local, resolve_path
+from idlm.config import HubData
+from idlm.config_paths import looks_local, resolve_path
 from idlm.stage import StageError
 
 if TYPE_CHECKING:

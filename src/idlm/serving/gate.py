@@ -55,7 +55,7 @@ def arm_targets(cfg: Any) -> list[ArmTarget]:
     """The configured arms, AR first, with the folders verify and evaluate use (ar: the
     pinned base, isd: the IC model, risd: base + gated LoRA) unless the arm names its own;
     checked before anything is started."""
-    from idlm.config import resolve_path
+    from idlm.config_paths import resolve_path
 
     targets = []
     for name in sorted(cfg.gate.arms, key=lambda arm: (arm != BASELINE, arm)):
@@ -88,7 +88,7 @@ def _default_model(cfg: Any, arm: str) -> Path:
 
 def load_plan(cfg: Any, targets: list[ArmTarget]) -> Any:
     """The guidellm plan shared by every arm: levels, counts, prompts, tokenizer."""
-    from idlm.config import resolve_path
+    from idlm.config_paths import resolve_path
     from idlm.serving.loadtest import LoadPlan
 
     gate = cfg.gate

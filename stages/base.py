@@ -3,9 +3,7 @@
 AR-pretrain the tiny Qwen3 (tiny profile) or resolve and pin a pretrained base checkpoint.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -15,4 +13,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("base", _run, __doc__))
+    exit_process(stage_main("base", _run, __doc__))

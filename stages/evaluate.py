@@ -6,9 +6,7 @@ Markdown table, a bar chart and per-sample JSONL logs. A killed run resumes with
 redoing finished samples.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -18,4 +16,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("evaluate", _run, __doc__))
+    exit_process(stage_main("evaluate", _run, __doc__))

@@ -5,9 +5,7 @@ Write the SGLang-servable bundles (I-DLM with ISD: full IC weights; R-ISD: base 
 they load back with the same greedy output; register both in MLflow's model registry.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -17,4 +15,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("export", _run, __doc__))
+    exit_process(stage_main("export", _run, __doc__))

@@ -6,9 +6,7 @@ exported versions only if every threshold holds; otherwise exit non-zero with th
 of what missed and leave the alias where it was.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -18,4 +16,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("gate", _run, __doc__))
+    exit_process(stage_main("gate", _run, __doc__))

@@ -5,9 +5,7 @@ tiny: then N=4) as one DeepSpeed run: one optimizer and one schedule; a curricul
 changes only the stride and alpha.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -17,4 +15,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("ic", _run, __doc__))
+    exit_process(stage_main("ic", _run, __doc__))

@@ -4,9 +4,7 @@ Train the gated-LoRA adapter (on at MASK rows only) on the frozen base, for loss
 R-ISD.
 """
 
-import sys
-
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
@@ -16,4 +14,4 @@ def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is 
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("lora", _run, __doc__))
+    exit_process(stage_main("lora", _run, __doc__))

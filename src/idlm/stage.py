@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm import config as config_mod
+from idlm.training.distributed import exit_process  # noqa: F401 - the stage scripts' exit
 
 
 def write_json_atomic(path: Path, payload: Any) -> Path:

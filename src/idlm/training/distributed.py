@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
+from typing import NoReturn
 
 
 def _free_port() -> int:
@@ -30,6 +32,8 @@ def init(device: str) -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
                                    verbose=False)
         atexit.register(shutdown)
+    global _launched_world
+    _launched_world = dist.get_world_size()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -44,6 +48,30 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_launched_world = 1  # the world size this process joined (set by init)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a stage process with ``code``; a rank of a multi-rank job skips C++ teardown.
+
+    ``destroy_process_group`` does not free a gloo group that DeepSpeed's ZeRO-3 state
+    still references: its worker threads outlive Python and, at C++ static teardown, one
+    rank in ~20 CI runs aborted ("terminate called without an active exception") after
+    its job had finished. A launched rank therefore runs the atexit handlers (MLflow's
+    flush, :func:`shutdown`), flushes its streams and leaves with ``os._exit``. A single
+    process (and any in-process caller) exits normally.
+    """
+    if _launched_world <= 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def device_for_rank() -> str:

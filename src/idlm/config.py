@@ -357,10 +357,38 @@ def validate(data: dict[str, Any], source: str | Path) -> Config:
         raise ConfigError(f"{source}: {_describe_error(exc.errors()[0])}") from None
 
 
+def _merged(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: a mapping merges key by key; anything else, an empty
+    mapping included (``overrides: {}``), replaces."""
+    out = copy.deepcopy(parent)
+    for key, value in child.items():
+        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_config(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's data; ``extends: PROFILE`` starts from that profile (same folder)."""
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: 'extends' names a profile, e.g. extends: tiny")
+    parent_path = path.parent / f"{parent}.yaml"
+    if parent_path.resolve() in {p.resolve() for p in (*_chain, path)}:
+        raise ConfigError(f"{path}: 'extends: {parent}' loops back to itself")
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: 'extends: {parent}' but {parent_path} does not exist")
+    return _merged(read_config(parent_path, (*_chain, path)), data)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load the active config (``params.yaml``) or any config file, with overrides."""
     path = Path(path) if path else active_config()
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    data = apply_overrides(read_config(path), overrides or [])
     cfg = validate(data, path)
     check_files(cfg, path)
     return cfg

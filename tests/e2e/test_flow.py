@@ -1,13 +1,11 @@
-"""The Prefect flow `idlm-full` end to end on a very small tiny config in a fresh workspace.
+"""The Prefect flow `idlm-full` end to end, on the suite's trained workspace.
 
-One workspace and one Prefect test server for the module; three flow runs in order:
-1. an override makes `base` fail at run time -> flow, its MLflow child and parent FAILED
-   with the error text, nothing downstream ran, `prepare`'s outputs intact;
-2. the override removed -> `prepare` is skipped (DVC), the rest run; MLflow holds a
-   parent and one child per stage with params, curves and artifacts; `dvc status` clean;
-3. no parameters -> a rerun executes no stage.
-   This one goes through the README command (ephemeral Prefect, no server started by
-   hand), which ends with the summary table and leaves no server behind.
+The session fixture `trained_workspace` (tests/conftest.py) is one flow run of the `test`
+profile that ran every stage. This module adds, in order:
+1. on a copy of it, an override makes `base` fail at run time -> flow, its MLflow child and
+   parent FAILED with the error text, nothing downstream ran, the lock untouched;
+2. in it, the README command (ephemeral Prefect, no server started by hand) with no
+   parameters -> no stage runs; it ends with the summary table and leaves no server behind.
 Then: a second run while one holds the workspace is refused.
 """
 
@@ -16,12 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import psutil
 import pytest
@@ -30,64 +26,22 @@ from flows.idlm_full import idlm_full
 from idlm import tracking
 from idlm.orchestration.lock import WorkspaceBusy, holder_info, workspace_lock
 from idlm.orchestration.run import PipelineFailed
-from tests.small_configs import DOWNSTREAM
+from tests.workspace import (
+    BROKEN,
+    PROFILE,
+    REPO,
+    STAGES,
+    copy_workspace,
+    git,
+    prefect_flow_facts,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
-# As small as the stages go: seconds of compute each; the rest is process start-up.
-FAST = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
-        "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64",
-        "model.tiny.head_dim=16", "model.tiny.intermediate_size=128",
-        "model.tiny.num_hidden_layers=2", "base.train.steps=6", "base.train.log_every=2",
-        "base.train.checkpoint_every=3", "base.train.micro_batch_size=8",
-        *[f"ic.phases.{i}.steps=1" for i in range(3)], "base.train.bf16=false",
-        "ic.train.log_every=1", "ic.train.checkpoint_every=1", "ic.train.micro_batch_size=8",
-        "ic.train.bf16=false", "lora.train.bf16=false", "base.accuracy_items=1",
-        "ic.accuracy_items=1",
-        "lora.rank=4", "lora.train.steps=2", "lora.train.log_every=1",
-        "lora.train.checkpoint_every=2", "lora.train.micro_batch_size=8",
-        # dvc's (Hydra's) `key={}` merges into a mapping instead of replacing it; `~key`
-        # deletes: the gate measures speed without gating it, as DOWNSTREAM intends.
-        *[o for o in DOWNSTREAM if o != "gate.min_speedup={}"],
-        "~gate.min_speedup.isd", "~gate.min_speedup.risd",
-        "flow.artifact_max_bytes=65536"]  # below the weights: they are referenced, not copied
-BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
-
-
-def _git(root: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                          cwd=root, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("flow-workspace")
-    for name in ("dvc.yaml", "configs", "stages", "src"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    # Valid for the config schema, rejected by DeepSpeed when the stage starts training.
-    (root / "configs/deepspeed/broken.json").write_text('{"zero_optimization": {"stage": 7}}')
-    _git(root, "init", "-q")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "workspace")
-    return root
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Any:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+def workspace(trained_workspace: dict) -> Path:
+    return trained_workspace["root"]
 
 
 def _readme_command(workspace: Path, prefect_home: Path, *args: str) -> tuple[Any, dict]:
@@ -103,18 +57,18 @@ def _readme_command(workspace: Path, prefect_home: Path, *args: str) -> tuple[An
 
 
 @pytest.fixture(scope="module")
-def runs(workspace: Path, prefect_api: Any,
-         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def runs(trained_workspace: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out: dict[str, Any] = {"fixed": trained_workspace["summary"],
+                           "lock_after_fixed": trained_workspace["lock"]}
+    broken = copy_workspace(trained_workspace["root"],
+                            tmp_path_factory.mktemp("failing") / "workspace")
     with pytest.raises(PipelineFailed) as failed:
-        idlm_full(profile="tiny", overrides=[*FAST, BROKEN], workspace=str(workspace))
-    out["failed"] = failed.value
-    out["after_failure"] = {"lock": (workspace / "dvc.lock").read_text(),
-                            "outputs": sorted(p.name for p in (workspace / "outputs").iterdir())}
-    out["fixed"] = idlm_full(profile="tiny", overrides=FAST, workspace=str(workspace))
-    out["lock_after_fixed"] = (workspace / "dvc.lock").read_bytes()
+        idlm_full(profile=PROFILE, overrides=[BROKEN], workspace=str(broken))
+    out["failed"], out["broken"] = failed.value, broken
+    out["after_failure"] = {"lock": (broken / "dvc.lock").read_bytes(),
+                            "outputs": sorted(p.name for p in (broken / "outputs").iterdir())}
     out["prefect_home"] = tmp_path_factory.mktemp("prefect-home")
-    out["cli"], out["again"] = _readme_command(workspace, out["prefect_home"])
+    out["cli"], out["again"] = _readme_command(trained_workspace["root"], out["prefect_home"])
     return out
 
 
@@ -134,43 +88,36 @@ def _parent_of_failed_run(workspace: Path) -> str:
     client = _client(workspace)
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     failed = client.search_runs([experiment.experiment_id],
-                                "attributes.status = 'FAILED' and tags.profile = 'tiny'")
+                                f"attributes.status = 'FAILED' and tags.profile = '{PROFILE}'")
     (parent,) = [r for r in failed if "mlflow.parentRunId" not in r.data.tags]
     return parent.info.run_id
 
 
-def _flow_run(flow_run_id: str) -> Any:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(UUID(flow_run_id))
-
-
 def test_a_failing_stage_fails_the_run_and_stops_what_is_downstream(
-        runs: dict[str, Any], workspace: Path) -> None:
-    error = runs["failed"]
+        runs: dict[str, Any]) -> None:
+    error, broken = runs["failed"], runs["broken"]
     assert "base" in str(error) and "DeepSpeedZeroConfig" not in str(error)
     assert ["base", "failed"] in [line.split()[:2] for line in error.summary.splitlines()]
-    parent, children = _family(workspace, _parent_of_failed_run(workspace))
+    parent, children = _family(broken, _parent_of_failed_run(broken))
     assert parent.info.status == "FAILED" and "ValidationError" in parent.data.tags["error"]
     assert set(children) == {"prepare", "base"}  # nothing downstream of base started
     assert children["prepare"].info.status == "FINISHED"
+    assert children["prepare"].data.tags["skipped"] == "true"  # up to date: DVC skipped it
     base = children["base"]
     assert base.info.status == "FAILED" and base.data.tags["dvc.status"] == "failed"
     assert "DeepSpeedZeroConfig" in base.data.tags["error"]
-    assert _flow_run(parent.data.tags["prefect.flow_run_id"]).state.is_failed()
-    # Upstream outputs intact and recorded; nothing of the failed stage was locked.
-    assert "prepare:" in runs["after_failure"]["lock"]
-    assert "base:" not in runs["after_failure"]["lock"]
+    assert prefect_flow_facts(parent.data.tags["prefect.flow_run_id"])["failed"]
+    # Upstream outputs intact; nothing of the failed stage was locked.
+    assert runs["after_failure"]["lock"] == runs["lock_after_fixed"]
     assert "prepare" in runs["after_failure"]["outputs"]
 
 
-def test_after_the_fix_finished_stages_are_skipped_and_the_rest_run(
-        runs: dict[str, Any], workspace: Path) -> None:
+def test_the_flow_ran_every_stage_and_left_dvc_up_to_date(runs: dict[str, Any],
+                                                           workspace: Path) -> None:
     fixed = runs["fixed"]
     assert fixed["state"] == "COMPLETED"
     assert [(s["stage"], s["status"]) for s in fixed["stages"]] == [
-        ("prepare", "skipped"), *[(stage, "ran") for stage in STAGES[1:]]]
+        (stage, "ran") for stage in STAGES]
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=workspace,
                             capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
@@ -181,14 +128,14 @@ def test_mlflow_holds_a_parent_and_a_child_per_stage(runs: dict[str, Any], works
     fixed = runs["fixed"]
     parent, children = _family(workspace, fixed["parent_run_id"])
     tags = parent.data.tags
-    assert parent.info.status == "FINISHED" and tags["profile"] == "tiny"
+    assert parent.info.status == "FINISHED" and tags["profile"] == PROFILE
     assert tags["prefect.flow_run_id"] == fixed["flow_run_id"]
-    assert tags["git.commit"] == _git(workspace, "rev-parse", "HEAD")
+    assert tags["git.commit"] == git(workspace, "rev-parse", "HEAD")
     assert tags["dvc.lock_sha256"] == hashlib.sha256(runs["lock_after_fixed"]).hexdigest()
-    assert list(json.loads(parent.data.params["overrides"])) == FAST
+    assert "overrides" not in parent.data.params  # the run was given none
     assert set(children) == set(STAGES)
     prepare, base, ic = children["prepare"], children["base"], children["ic"]
-    assert prepare.data.tags["skipped"] == "true"  # skipped, yet holds its cached metrics
+    assert prepare.data.tags["skipped"] == "false"
     assert prepare.data.metrics["train.rows"] == 300
     assert base.data.tags["skipped"] == "false" and base.data.params["base.train.steps"] == "6"
     assert base.data.params["model.tiny.hidden_size"] == "64" and "lora.rank" not in \
@@ -213,24 +160,9 @@ def test_mlflow_holds_a_parent_and_a_child_per_stage(runs: dict[str, Any], works
 
 def test_tasks_are_named_after_stages_and_progress_reaches_the_prefect_log(
         runs: dict[str, Any]) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    flow_run_id = UUID(runs["fixed"]["flow_run_id"])
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    assert sorted(t.name for t in tasks) == sorted(STAGES)
-    messages = [log.message for log in logs]
+    facts = prefect_flow_facts(runs["fixed"]["flow_run_id"])
+    assert facts["completed"] and facts["tasks"] == sorted(STAGES)
+    messages = facts["messages"]
     assert "Running stage 'base':" in messages
     assert any(m.startswith("[base] step 2/6") for m in messages)  # the stage's own progress
 
@@ -250,7 +182,7 @@ def test_a_second_run_in_the_same_workspace_is_refused(runs: dict[str, Any],
     before = (workspace / "params.yaml").read_bytes()
     with workspace_lock(workspace, holder_info("0000-run", "first-run")):
         with pytest.raises(WorkspaceBusy, match="first-run.*is still running"):
-            idlm_full(profile="tiny", workspace=str(workspace))
+            idlm_full(profile=PROFILE, workspace=str(workspace))
     assert (workspace / "params.yaml").read_bytes() == before
 
 

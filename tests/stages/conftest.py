@@ -1,24 +1,22 @@
-"""The small trained pipeline (prepare -> base -> ic, killed and resumed -> lora), built once
-per test session and shared by the training-stage and downstream-stage tests."""
+"""The stage tests' view of the suite's trained workspace: a copy of its outputs, so a test
+that runs a stage again (resume, rerun, bad input) never changes the shared one."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
-from idlm.config import load_profile
-from idlm.data.prepare import run as prepare
-from idlm.training import base, ic, lora
-from tests.small_configs import SMALL
+from idlm.config import Config, load_profile
+from tests.workspace import PROFILE
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    cfg = load_profile("tiny", [f"outputs={tmp_path_factory.mktemp('out')}", *SMALL])
-    prepare(cfg)
-    results = {"cfg": cfg, "base": base.run(cfg)}
-    # Killed at step 5 (last checkpoint: 4, in phase N=2), so the resumed run crosses the
-    # N=2 -> N=3 boundary at step 6.
-    results["ic_killed"] = ic.run(cfg, stop_after=5)
-    results["ic"] = ic.run(cfg)
-    results["lora"] = lora.run(cfg)
-    return results
+def trained(trained_workspace: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    outputs = tmp_path_factory.mktemp("stages") / "outputs"
+    shutil.copytree(trained_workspace["root"] / "outputs", outputs, symlinks=True)
+    cfg: Config = load_profile(PROFILE, [f"outputs={outputs}"])
+    metrics = {stage: json.loads(cfg.out(stage, "metrics.json").read_text())
+               for stage in ("base", "ic", "lora")}
+    return {"cfg": cfg, "workspace": trained_workspace["root"], **metrics}

@@ -1,4 +1,4 @@
-"""base -> ic -> lora in process on a very small config: files, curriculum, resume, gate."""
+"""base -> ic -> lora of the trained workspace: files, curriculum, resume, the adapter."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from idlm.training import ic
 
 
 def _names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def test_base_writes_model_pin_metrics_and_plot(trained: dict) -> None:
@@ -23,44 +23,48 @@ def test_base_writes_model_pin_metrics_and_plot(trained: dict) -> None:
                                       "metrics.json", "model"]
     pin = json.loads(cfg.out("base", "base.json").read_text())
     assert pin["kind"] == "tiny" and pin["path"] == "base/model"
-    metrics = json.loads(cfg.out("base", "metrics.json").read_text())
+    metrics = trained["base"]
     history = json.loads(cfg.out("base", "history.json").read_text())
-    assert metrics["steps"] == 30 and len(history) == 3  # logged every 10 steps
+    assert metrics["steps"] == 6 and len(history) == 3  # logged every 2 steps
     assert history[-1]["loss"] < history[0]["loss"]
     assert metrics["heldout_ar_loss"] > 0
     assert {f"accuracy_{k}" for k in ("arithmetic", "multiple_choice", "code", "instruction")
             } <= set(metrics)
 
 
-def test_ic_runs_the_curriculum_as_one_run_and_resumes_across_a_phase_boundary(
-        trained: dict) -> None:
+def _ic_log(cfg: Config) -> list[dict]:
+    return [json.loads(line) for line in
+            cfg.out("ic", "checkpoints", "log.jsonl").read_text().splitlines()]
+
+
+def test_ic_runs_the_curriculum_as_one_run_and_a_rerun_trains_nothing(trained: dict) -> None:
     cfg: Config = trained["cfg"]
-    assert trained["ic_killed"] == {"finished": False, "steps": 5}
-    phases = trained["ic"]["phases"]
-    assert [(p["stride"], p["steps"]) for p in phases] == [(2, 6), (3, 12), (4, 18)]
+    log = cfg.out("ic", "checkpoints", "log.jsonl")
+    before = log.read_text()
+    phases = ic.run(cfg)["phases"]  # finished: reports its phases, trains nothing
+    assert log.read_text() == before and cfg.out("ic", "model", "model.safetensors").is_file()
+    assert [(p["stride"], p["steps"]) for p in phases] == [(2, 2), (3, 4), (4, 6)]
     assert [p["alpha"] for p in phases][:2] == [0.2, 0.2]
     assert phases[2]["alpha"] == pytest.approx(phases[2]["mask_ce"] / phases[2]["clean_ce"],
                                                rel=1e-4)
-    # One log for the whole curriculum: steps 1-5, resumed at the step-4 checkpoint.
-    log = [json.loads(line) for line in
-           cfg.out("ic", "checkpoints", "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == list(range(1, 19))
-    assert [int(e["stride"]) for e in log] == [2] * 6 + [3] * 6 + [4] * 6
+    entries = _ic_log(cfg)
+    assert [e["step"] for e in entries] == list(range(1, 7))
+    assert [int(e["stride"]) for e in entries] == [2, 2, 3, 3, 4, 4]
     # One schedule: warmup once, then the lr only falls, across both boundaries.
-    lrs = [e["lr"] for e in log]
+    lrs = [e["lr"] for e in entries]
     peak = lrs.index(max(lrs))
-    assert peak < 6 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))
-    assert all(e["grad_norm"] > 0 for e in log)
+    assert peak < 3 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))
+    assert all(e["grad_norm"] > 0 for e in entries)
     assert _names(cfg.out("ic")) == ["checkpoints", "history.json", "loss.png", "metrics.json",
                                     "model"]
-    metrics = json.loads(cfg.out("ic", "metrics.json").read_text())
+    metrics = trained["ic"]
     assert list(metrics["phases"]) == ["phase0-N2", "phase1-N3", "phase2-N4"]
     for record in metrics["phases"].values():
         assert {"heldout_ar_loss", "heldout_mask_loss", "accuracy_arithmetic"} <= set(record)
     assert 0.0 <= metrics["accuracy_arithmetic"] <= 1.0
 
 
-def test_resume_across_a_phase_boundary_gives_the_uninterrupted_weights(
+def test_ic_killed_in_phase_n2_resumes_across_the_boundary_to_the_uninterrupted_weights(
         trained: dict, tmp_path: Path) -> None:
     import shutil
 
@@ -68,19 +72,15 @@ def test_resume_across_a_phase_boundary_gives_the_uninterrupted_weights(
     other = cfg.model_copy(update={"outputs": str(tmp_path)})
     for stage in ("prepare", "base"):
         shutil.copytree(cfg.out(stage), other.out(stage))
-    ic.run(other)  # never killed
+    # Killed after step 1 (its checkpoint), so the resumed run crosses N=2 -> N=3 at step 3.
+    assert ic.run(other, stop_after=1) == {"finished": False, "steps": 1}
+    resumed = ic.run(other)
+    assert [p["steps"] for p in resumed["phases"]] == [2, 4, 6]
+    # One log for the whole curriculum: step 1, then 2-6 from the step-1 checkpoint.
+    assert [e["step"] for e in _ic_log(other)] == list(range(1, 7))
+    # The same bytes as the workspace's uninterrupted run (a `dvc repro` subprocess).
     name = "model.safetensors"
     assert other.out("ic", "model", name).read_bytes() == cfg.out("ic", "model", name).read_bytes()
-
-
-def test_rerun_of_finished_ic_trains_nothing(trained: dict) -> None:
-    cfg: Config = trained["cfg"]
-    stamp = cfg.out("ic", "model", "model.safetensors")
-    log = cfg.out("ic", "checkpoints", "log.jsonl")
-    before = log.read_text()
-    again = ic.run(cfg)
-    assert [p["stride"] for p in again["phases"]] == [2, 3, 4]
-    assert log.read_text() == before and stamp.is_file()
 
 
 def test_lora_adapter_keeps_clean_rows_exact(trained: dict) -> None:

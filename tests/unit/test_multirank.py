@@ -21,26 +21,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(*args: str) -> dict:
+def _torchrun(root: Path, launch: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", str(SCRIPT), *args],
+         f"--master_port={_free_port()}", str(SCRIPT), str(root), launch],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((Path(args[1]) / "result.json").read_text())
+
+
+def _result(root: Path, zero_stage: int, name: str) -> dict:
+    return json.loads((root / f"zero{zero_stage}" / name / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two launches of two ranks: straight and killed runs, then the resumes."""
+    root = tmp_path_factory.mktemp("multirank")
+    _torchrun(root, "first")
+    killed = {z: _result(root, z, "resumed") for z in (2, 3)}
+    _torchrun(root, "resume")
+    return {"root": root, "killed": killed}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_train_and_resume(zero_stage: int, tmp_path: Path) -> None:
-    straight = _torchrun(str(zero_stage), str(tmp_path / "straight"), "6")
+def test_two_ranks_train_and_resume(zero_stage: int, launches: dict) -> None:
+    straight = _result(launches["root"], zero_stage, "straight")
     assert straight["finished"] and straight["steps"] == 6 and straight["weights"] > 0
     assert straight["losses"][-1] < straight["losses"][0]
-    killed = _torchrun(str(zero_stage), str(tmp_path / "resumed"), "6", "3")
-    assert not killed["finished"]
-    resumed = _torchrun(str(zero_stage), str(tmp_path / "resumed"), "6")
+    killed = launches["killed"][zero_stage]
+    assert not killed["finished"] and killed["steps"] == 3
+    resumed = _result(launches["root"], zero_stage, "resumed")
     assert resumed["finished"]
     assert resumed["checksum"] == pytest.approx(straight["checksum"], rel=1e-5)

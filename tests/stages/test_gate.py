@@ -1,0 +1,105 @@
+"""The gate of the trained workspace (the flow ran it): guidellm loaded `idlm serve` for the
+AR, ISD and R-ISD arms at C=1 and C=2; the gate parsed guidellm's report and decided. The
+same measurements with a speedup no model reaches fail with the table of misses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from idlm import config
+from idlm.serving.gate import conclude, read_registered
+from idlm.serving.gate_decision import read_scores
+from idlm.stage import StageError
+from tests.workspace import PROFILE
+
+ARMS = {"ar", "isd", "risd"}
+
+
+@pytest.fixture(scope="module")
+def gate(trained: dict) -> tuple[config.Config, dict]:
+    cfg: config.Config = trained["cfg"]
+    return cfg, json.loads(cfg.out("gate", "report.json").read_text())
+
+
+def test_guidellm_measured_every_arm_at_every_level(gate) -> None:
+    cfg, report = gate
+    assert report["passed"] is True  # the test profile measures speed without gating it
+    assert set(report["measurements"]) == ARMS
+    for arm, levels in report["measurements"].items():
+        assert set(levels) == {"1", "2"}, arm
+        for level in levels.values():
+            assert [run["repeat"] for run in level["runs"]] == [0]
+            assert level["successful"] == 2 and level["errored"] == 0
+            assert level["per_request_tok_s"] > 0 and level["output_tok_s"] > 0
+            assert 0 < level["ttft_p50_ms"] <= level["ttft_p99_ms"]
+            assert 0 < level["tpot_p50_ms"] <= level["tpot_p99_ms"]
+    assert report["setup"]["requests_per_level"] == {"1": 2, "2": 2}
+    assert report["setup"]["arms"]["isd"].startswith("idlm serve --mode isd --model ")
+    decoding = report["setup"]["decoding"]     # each server's /metrics after the load
+    assert decoding["ar"]["tokens_per_forward"] == 1.0
+    for arm in ("isd", "risd"):
+        assert 1.0 <= decoding[arm]["tokens_per_forward"] <= cfg.gate.stride
+
+
+def test_every_request_got_exactly_the_asked_tokens_from_our_prompts(gate) -> None:
+    cfg, _ = gate
+    # As they appear in the request JSON guidellm records.
+    prompts = [json.dumps(json.loads(line)["prompt"])[1:-1] for line in
+               cfg.out("prepare", "eval_items.jsonl").read_text().splitlines()]
+    for arm in ARMS:
+        raw = json.loads(cfg.out("gate", "loadtest", arm, "guidellm.json").read_text())
+        assert [b["config"]["strategy"]["streams"] for b in raw["benchmarks"]] == [1, 2]
+        requests = [r for b in raw["benchmarks"] for r in b["requests"]["successful"]]
+        assert len(requests) == 4
+        assert {r["output_tokens"] for r in requests} == {cfg.gate.output_tokens}  # ignore_eos
+        assert all(any(p in r["request_args"] for p in prompts) for r in requests)
+        assert (cfg.out("gate", "loadtest", arm, "server.log")).is_file()
+
+
+def test_fail_names_what_missed_and_leaves_the_alias(gate, tmp_path: Path) -> None:
+    trained_cfg, measured = gate
+    cfg = config.load_profile(PROFILE, [f"outputs={tmp_path}",
+                                        "gate.min_speedup={isd: {1: 50.0}}"])
+    scores = read_scores(trained_cfg.out("evaluate", "scores.json"))
+    registered = read_registered(trained_cfg.out("export", "registry.json"))
+    with pytest.raises(StageError) as failure:
+        conclude(cfg, measured["measurements"], scores, registered, measured["setup"],
+                 workspace=tmp_path)
+    message = str(failure.value)
+    assert message.startswith("gate failed, alias 'champion' untouched; 1 check(s) missed")
+    assert "| speedup | isd | C=1 |" in message and ">= 50.00x" in message
+    report = json.loads(cfg.out("gate", "report.json").read_text())
+    assert report["passed"] is False and report["promoted"] == []
+    assert [(m["check"], m["arm"], m["where"]) for m in report["misses"]] == [
+        ("speedup", "isd", "C=1")]
+    assert set(report["quality_deltas"]) == {"isd", "risd"}
+    metrics = json.loads(cfg.out("gate", "metrics.json").read_text())
+    assert metrics["passed"] is False and set(metrics["speedup"]["isd"]) == {"c1", "c2"}
+    assert metrics["speedup"]["isd"]["c1"] == pytest.approx(
+        report["measurements"]["isd"]["1"]["per_request_tok_s"]
+        / report["measurements"]["ar"]["1"]["per_request_tok_s"], rel=1e-3)
+    markdown = cfg.out("gate", "report.md").read_text()
+    assert markdown.startswith("# Gate: FAIL") and "Registry alias untouched." in markdown
+    assert cfg.out("gate", "throughput_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_inputs_fail_before_any_server_starts(trained: dict, tmp_path: Path) -> None:
+    from idlm.serving.gate import run
+
+    outputs = Path(trained["cfg"].outputs)
+    base = [f"outputs={outputs}", "gate.arms={ar: {}, isd: {}}"]
+    cfg = config.load_profile(PROFILE, [*base, "gate.arms.isd.model=/nonexistent/model"])
+    with pytest.raises(StageError, match="arm 'isd' needs a model folder at /nonexistent"):
+        run(cfg)
+    # A prompt file the user names is checked with the config; one a stage makes (under
+    # the outputs folder) by the gate, when it runs.
+    with pytest.raises(config.ConfigError, match="'gate.prompt_file'.*none.jsonl' not found"):
+        config.load_profile(PROFILE, [*base, f"gate.prompt_file={tmp_path}/none.jsonl"])
+    cfg = config.load_profile(PROFILE, [*base, f"gate.prompt_file={outputs}/none.jsonl"])
+    with pytest.raises(StageError, match="gate.prompt_file .*none.jsonl not found"):
+        run(cfg)
+    assert not (outputs / "none.jsonl").exists()
+    assert not list((outputs / "gate").glob(".loadtest.*"))  # no half-made load test left

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="choose, check or show the active config")
     actions = config.add_subparsers(dest="action", required=True)
     use = actions.add_parser("use", help="make a profile (plus overrides) the active params.yaml")
-    use.add_argument("profile", help="tiny, qwen3-8b or qwen3-32b (a file under configs/)")
+    use.add_argument("profile", help="tiny, qwen3-8b, qwen3-32b or test (a file under configs/)")
     use.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     use.set_defaults(handler=_config_use)
     for name, handler, text in (("check", _config_check, "validate a config file"),

@@ -14,11 +14,36 @@ from idlm import config
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("profile", ["tiny", "qwen3-8b", "qwen3-32b"])
+@pytest.mark.parametrize("profile", ["tiny", "qwen3-8b", "qwen3-32b", "test"])
 def test_profiles_validate(profile: str) -> None:
     cfg = config.load_profile(profile)
     assert cfg.profile == profile
     assert [p.stride for p in cfg.ic.phases][:2] == [2, 3]
+
+
+def test_a_profile_extends_another(tmp_path: Path) -> None:
+    tiny = config.load_profile("tiny")
+    test = config.load_profile("test")
+    # A mapping merges key by key: what the test profile does not name stays tiny's.
+    assert test.model.tiny.hidden_size == 64
+    assert test.model.tiny.num_attention_heads == tiny.model.tiny.num_attention_heads
+    assert test.base.train.lr == tiny.base.train.lr and test.base.train.steps == 6
+    # A list or an empty mapping replaces.
+    assert [p.steps for p in test.ic.phases] == [2, 2, 2] and test.verify.strides == [2, 4]
+    assert tiny.evaluate.overrides and test.evaluate.overrides == {}
+    assert tiny.gate.min_speedup and test.gate.min_speedup == {}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("extends: [tiny]\n", "'extends' names a profile"),
+    ("extends: nope\n", "'extends: nope' but .*nope.yaml does not exist"),
+    ("extends: loop\n", "'extends: loop' loops back to itself"),
+])
+def test_bad_extends_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=expected):
+        config.load(path)
 
 
 def test_paper_settings_in_the_8b_profile() -> None:

@@ -179,6 +179,10 @@ class GateSection(Section):
     generator_workers: Annotated[int, Field(gt=0)] | None = None  # guidellm processes
     tokenizer: str | None = None  # what the load generator counts tokens with (default: ar model)
     startup_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # Start every `idlm serve` arm at once (their start-ups overlap) and measure them one
+    # at a time once all answer. false: each arm starts when it is measured (one GPU then
+    # never holds more than one arm's weights).
+    start_together: bool = True
     # Minimum per-request tok/s speedup over AR, per arm and concurrency (levels not
     # listed are measured, not gated). Paper, I-DLM-8B on one H100: 2.30x at C=1, 1.34x at C=64.
     min_speedup: dict[Literal["isd", "risd"], dict[int, Annotated[float, Field(gt=0)]]] = {

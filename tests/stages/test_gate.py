@@ -37,6 +37,7 @@ def test_guidellm_measured_every_arm_at_every_level(gate) -> None:
             assert 0 < level["ttft_p50_ms"] <= level["ttft_p99_ms"]
             assert 0 < level["tpot_p50_ms"] <= level["tpot_p99_ms"]
     assert report["setup"]["requests_per_level"] == {"1": 2, "2": 2}
+    assert report["setup"]["start_together"] is True  # three servers, started at once
     assert report["setup"]["arms"]["isd"].startswith("idlm serve --mode isd --model ")
     decoding = report["setup"]["decoding"]     # each server's /metrics after the load
     assert decoding["ar"]["tokens_per_forward"] == 1.0

@@ -124,22 +124,46 @@ def read_prompts(path: Path) -> tuple[str, ...]:
     return prompts
 
 
-def measure_arm(target: ArmTarget, plan: Any, gate: Any,
-                workdir: Path) -> tuple[dict[int, Any], dict[str, Any] | None]:
-    """Serve (or reach) one arm, warm it up, load it with guidellm: the summary per level
-    and the server's decoding statistics (TPF, acceptance) where it reports them."""
+def _server_spec(target: ArmTarget, gate: Any, workdir: Path) -> Any:
     from idlm.serving import loadtest
 
-    LOG.info("gate: measuring arm %s", target.name)
-    if target.url is not None:
-        loadtest.wait_until_ready(target.url, gate.startup_timeout_s)
-        return _load(target.url, plan, workdir)
     port = loadtest.free_port()
-    command = loadtest.serve_command(target.model, target.name, gate.stride, port,
-                                     target.adapter, gate.server_args)
-    with loadtest.idlm_server(command, port, workdir / "server.log", gate.startup_timeout_s,
-                              threads=gate.server_threads) as url:
-        return _load(url, plan, workdir)
+    return loadtest.ServerSpec(loadtest.serve_command(target.model, target.name, gate.stride,
+                                                      port, target.adapter, gate.server_args),
+                               port, workdir / target.name / "server.log")
+
+
+def measure_arms(targets: list[ArmTarget], plan: Any, gate: Any,
+                 workdir: Path) -> dict[str, tuple[dict[int, Any], dict[str, Any] | None]]:
+    """Serve (or reach) every arm, then one at a time warm it up and load it with guidellm:
+    per arm, the summary per level and the server's decoding statistics (TPF, acceptance)
+    where it reports them. ``gate.start_together``: the `idlm serve` arms start at once
+    and are all up before the first is measured; otherwise each starts when measured."""
+    from contextlib import ExitStack
+
+    from idlm.serving import loadtest
+
+    local = [t for t in targets if t.url is None]
+    together = gate.start_together and len(local) > 1
+    measured = {}
+    with ExitStack() as stack:
+        urls = {t.name: t.url for t in targets if t.url is not None}
+        if together:
+            LOG.info("gate: starting %s together", ", ".join(t.name for t in local))
+            started = stack.enter_context(loadtest.idlm_servers(
+                [_server_spec(t, gate, workdir) for t in local], gate.startup_timeout_s,
+                gate.server_threads))
+            urls.update(zip((t.name for t in local), started, strict=True))
+        for target in targets:
+            LOG.info("gate: measuring arm %s", target.name)
+            if target.name in urls:
+                loadtest.wait_until_ready(urls[target.name], gate.startup_timeout_s)
+                measured[target.name] = _load(urls[target.name], plan, workdir / target.name)
+                continue
+            with loadtest.idlm_servers([_server_spec(target, gate, workdir)],
+                                       gate.startup_timeout_s, gate.server_threads) as (url,):
+                measured[target.name] = _load(url, plan, workdir / target.name)
+    return measured
 
 
 def _load(url: str, plan: Any, workdir: Path) -> tuple[dict[int, Any], dict[str, Any] | None]:
@@ -203,7 +227,7 @@ def run(cfg: Any) -> dict[str, Any]:
     scores = read_scores(cfg.out("evaluate", "scores.json"))
     plan = load_plan(cfg, targets)
     with atomic_dir(cfg.out("gate", "loadtest")) as workdir:
-        measured = {t.name: measure_arm(t, plan, cfg.gate, workdir / t.name) for t in targets}
+        measured = measure_arms(targets, plan, cfg.gate, workdir)
     setup = {**_setup(cfg, plan, targets),
              "decoding": {arm: stats for arm, (_, stats) in measured.items() if stats}}
     return conclude(cfg, {arm: levels for arm, (levels, _) in measured.items()}, scores,
@@ -248,6 +272,7 @@ def _setup(cfg: Any, plan: Any, targets: list[ArmTarget]) -> dict[str, Any]:
             "repeats": plan.repeats, "output_tokens": plan.output_tokens,
             "stride": cfg.gate.stride, "request_format": plan.request_format,
             "temperature": plan.temperature, "server_args": list(cfg.gate.server_args),
+            "start_together": cfg.gate.start_together,
             "prompts": (f"{cfg.gate.prompt_file} ({len(plan.prompts)})" if plan.prompts
                         else f"synthetic, {plan.prompt_tokens} tokens"),
             "requests_per_level": {str(c): plan.requests_at(c) for c in plan.concurrencies},

@@ -94,22 +94,37 @@ def serve_command(model: Path, mode: str, stride: int, port: int, adapter: Path 
     return command + list(extra_args)
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """One ``idlm serve`` to start: its command line, port and log file."""
+
+    command: list[str]
+    port: int
+    log_path: Path
+
+
 @contextmanager
-def idlm_server(command: list[str], port: int, log_path: Path, startup_timeout_s: float,
-                threads: int | None = None) -> Iterator[str]:
-    """Start ``idlm serve``, yield its base URL once /v1/models answers, always stop it."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def idlm_servers(specs: Sequence[ServerSpec], startup_timeout_s: float,
+                 threads: int | None = None) -> Iterator[list[str]]:
+    """Start every server at once (their start-ups overlap), yield their base URLs once all
+    answer /v1/models (so none is still loading while another is measured); always stop
+    them all."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
     try:
-        wait_until_ready(url, startup_timeout_s, process, log_path)
-        yield url
+        for spec in specs:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log_path, "w") as log:
+                processes.append(subprocess.Popen(spec.command, stdout=log,
+                                                  stderr=subprocess.STDOUT, env=env))
+        urls = [f"http://127.0.0.1:{spec.port}" for spec in specs]
+        _wait_for_all(urls, processes, [spec.log_path for spec in specs], startup_timeout_s)
+        yield urls
     finally:
-        stop(process)
+        for process in processes:
+            stop(process)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -122,26 +137,49 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def _model_id(url: str) -> str | None:
+    """The first model ``/v1/models`` lists, or None while the server is not up."""
+    import httpx
+
+    try:
+        reply = httpx.get(f"{url}/v1/models", timeout=5.0)
+        if reply.status_code == 200 and reply.json().get("data"):
+            return reply.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError):
+        pass
+    return None
+
+
+def _wait_for_all(urls: Sequence[str], processes: Sequence[subprocess.Popen | None],
+                  logs: Sequence[Path | None], timeout_s: float) -> list[str]:
+    """Poll every server until each lists a model; a process that exits first, or a server
+    still silent after ``timeout_s``, fails with its log's tail. Returns the model ids."""
+    ready: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for url, process, log in zip(urls, processes, logs, strict=True):
+            if url in ready:
+                continue
+            if process is not None and process.poll() is not None:
+                raise StageError(f"the server for {url} exited with code "
+                                 f"{process.returncode} before it was ready: {_tail(log)}")
+            model = _model_id(url)
+            if model is not None:
+                ready[url] = model
+        if len(ready) == len(urls):
+            return [ready[url] for url in urls]
+        if time.monotonic() >= deadline:
+            url, log = next((u, g) for u, g in zip(urls, logs, strict=True) if u not in ready)
+            raise StageError(f"no OpenAI-compatible server answered at {url}/v1/models within "
+                             f"{timeout_s:.0f} s (raise gate.startup_timeout_s or check the "
+                             "server)" + (f": {_tail(log)}" if log else ""))
+        time.sleep(0.5)
+
+
 def wait_until_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None,
                      log_path: Path | None = None) -> str:
     """Poll ``/v1/models`` until it lists a model; return that model's id."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise StageError(f"the server for {url} exited with code {process.returncode} "
-                             f"before it was ready: {_tail(log_path)}")
-        try:
-            reply = httpx.get(f"{url}/v1/models", timeout=5.0)
-            if reply.status_code == 200 and reply.json().get("data"):
-                return reply.json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise StageError(f"no OpenAI-compatible server answered at {url}/v1/models within "
-                     f"{timeout_s:.0f} s (raise gate.startup_timeout_s or check the server)"
-                     + (f": {_tail(log_path)}" if log_path else ""))
+    return _wait_for_all([url], [process], [log_path], timeout_s)[0]
 
 
 def warm_up(url: str, plan: LoadPlan) -> None:

@@ -7,7 +7,9 @@ test and the flow's checks of failure, rerun and refusal work on it or on copies
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +80,21 @@ def prefect_flow_facts(flow_run_id: str) -> dict[str, Any]:
             flow_run_id=LogFilterFlowRunId(any_=[run_id])))
     return {"failed": state.is_failed(), "completed": state.is_completed(),
             "tasks": sorted(t.name for t in tasks), "messages": [log.message for log in logs]}
+
+
+def kill_after(dvc_args: list[str], workspace: Path, delay: float) -> bool:
+    """Start ``dvc <dvc_args>`` in ``workspace``, SIGKILL its whole process group (DVC and
+    the stage it runs) after ``delay`` s; True when it was still running then."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for name in ("IDLM_WORKSPACE", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    process = subprocess.Popen([sys.executable, "-m", "dvc", *dvc_args], cwd=workspace,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        process.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return True

@@ -1,17 +1,22 @@
 """`dvc repro` on a copy of the suite's trained workspace (the flow ran every stage there
-through `dvc repro --single-item`): nothing to run, `dvc status` clean, and a param change
-reruns only the stage that reads it."""
+through `dvc repro --single-item`): nothing to run and `dvc status` clean; then a param
+change reruns only the stage that reads it, the gate: killed at a random point it records
+nothing and moves no alias, and the rerun completes and promotes."""
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.workspace import STAGES, copy_workspace
+from idlm import tracking
+from tests.workspace import STAGES, copy_workspace, kill_after
+
+MODEL, ALIAS = "idlm-isd", "champion"
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -37,8 +42,17 @@ def test_repro_of_the_flows_workspace_runs_nothing_then_only_a_changed_stage(
     text = params.read_text()
     assert text.count("  output_tokens: 8\n") == 1  # the gate's (the last stage's) key
     params.write_text(text.replace("  output_tokens: 8\n", "  output_tokens: 9\n"))
+    # Killed while it measures: nothing locked, no promotion (the alias is unset first).
+    tracking._registry_tracker(workspace).client.delete_registered_model_alias(MODEL, ALIAS)
+    gate_seconds = next(row["seconds"] for row in trained_workspace["summary"]["stages"]
+                        if row["stage"] == "gate")
+    delay = random.Random(13).uniform(0.3, 0.8) * gate_seconds
+    assert kill_after(["repro"], workspace, delay), f"the gate finished within {delay:.0f}s"
+    assert (workspace / "dvc.lock").read_bytes() == trained_workspace["lock"]
+    assert tracking.get_alias(MODEL, ALIAS, workspace=workspace) is None
     again = _run(["dvc", "repro"], workspace)
     assert again.returncode == 0, again.stderr[-2000:]
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in again.stdout]
     assert ran == ["gate"]
     assert (workspace / "dvc.lock").read_bytes() != trained_workspace["lock"]
+    assert tracking.get_alias(MODEL, ALIAS, workspace=workspace) is not None  # promoted

@@ -224,7 +224,7 @@ class LoraSection(Section):
     # Train a delta on the MASK token's embedding (at MASK rows only): embeddings are not
     # LoRA targets, and on a real Qwen3 the MASK row is an untrained one.
     mask_embedding: bool = True
-    stride: Annotated[int, Field(ge=2, le=8)] = 3
+    stride: Annotated[int, Field(ge=2, le=16)] = 3
     train: Optimisation = Optimisation(lr=2e-3, steps=300)
 
 

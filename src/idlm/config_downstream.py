@@ -39,8 +39,8 @@ class VerifySection(Section):
 
     prompts: Annotated[int, Field(gt=0)] = 200
     max_new_tokens: Annotated[int, Field(gt=0)] = 64
-    stride: Annotated[int, Field(ge=2, le=8)] = 4
-    strides: list[Annotated[int, Field(ge=2, le=8)]] = [2, 3, 4]
+    stride: Annotated[int, Field(ge=2, le=16)] = 4
+    strides: list[Annotated[int, Field(ge=2, le=16)]] = [2, 3, 4]
     max_batch_size: Annotated[int, Field(gt=0)] = 64
     # Compare against transformers' generate too (slow on big models: it has no batching
     # of ragged prompts here, one prompt at a time).
@@ -99,7 +99,7 @@ class EvaluateSection(Section):
                              "gsm8k", "math500", "mathbench", "aime24", "aime25", "humaneval",
                              "mbpp", "livecodebench_v6", "ifeval", "humaneval_plus"]
     systems: list[Literal["ar", "isd", "risd"]] = ["ar", "isd", "risd"]
-    stride: Annotated[int, Field(ge=2, le=8)] = 4
+    stride: Annotated[int, Field(ge=2, le=16)] = 4
     thinking: bool = True
     sampling: EvalSampling = EvalSampling()
     sandbox: EvalSandbox = EvalSandbox()
@@ -127,7 +127,7 @@ class ExportSection(Section):
     """SGLang-servable bundles: I-DLM (ISD, full IC weights) and R-ISD (base reference +
     gated adapter), each with a sha256 manifest, algorithm config and launch command."""
 
-    stride: Annotated[int, Field(ge=2, le=8)] = 4
+    stride: Annotated[int, Field(ge=2, le=16)] = 4
     # Draft proposals: `sample` from q or `argmax` of q (verified as a one-hot proposal);
     # both are exact samplers of the AR law at T > 0.
     proposal: Literal["sample", "argmax"] = "sample"
@@ -171,7 +171,7 @@ class GateSection(Section):
     output_tokens: Annotated[int, Field(gt=0)] = 256
     request_format: Literal["/v1/chat/completions", "/v1/completions"] = "/v1/chat/completions"
     temperature: Annotated[float, Field(ge=0)] = 0.0
-    stride: Annotated[int, Field(ge=2, le=8)] = 4
+    stride: Annotated[int, Field(ge=2, le=16)] = 4
     server_args: list[str] = []  # extra `idlm serve` flags, the same for every arm
     # CPU threads per spawned server (OMP_NUM_THREADS); on a small shared CPU, 1 avoids
     # the stalls of busy-waiting OpenMP threads competing with the load generator.

@@ -166,6 +166,20 @@ def test_cross_field_and_path_rules(override: str, expected: str) -> None:
     assert code == 2 and err.count("\n") == 1 and expected in err, err
 
 
+def test_every_stride_takes_2_to_16() -> None:
+    """The engine decodes any stride 2..16 (MAX_STRIDE); every stride setting allows it."""
+    from idlm.decoding.requests import MAX_STRIDE
+
+    keys = ["ic.phases.0.stride", "lora.stride", "verify.stride", "evaluate.stride",
+            "export.stride", "gate.stride"]
+    edge = [f"{key}={MAX_STRIDE}" for key in keys] + [f"verify.strides=[2, {MAX_STRIDE}]"]
+    cfg = config.load_profile("tiny", edge)
+    assert {cfg.lora.stride, cfg.verify.stride, cfg.gate.stride} == {MAX_STRIDE}
+    for key in keys:
+        with pytest.raises(config.ConfigError, match=f"key '{key}'"):
+            config.load_profile("tiny", [f"{key}={MAX_STRIDE + 1}"])
+
+
 @pytest.mark.parametrize(("stage", "override"), list(zip(STAGES, [
     "prepare.max_length=8", "base.train.lr=0", "ic.phases.0.stride=17", "lora.rank=0",
     "verify.exactness.significance=1", "evaluate.sandbox.workers=0",

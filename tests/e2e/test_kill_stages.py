@@ -64,7 +64,8 @@ def test_a_stage_killed_at_a_random_point_reruns_and_records_nothing_partial(
         lock = (workspace / "dvc.lock").read_bytes()
         delay = chance.uniform(0.3, 0.9) * max(seconds[stage], 2.0)
         began = time.monotonic()
-        if kill_after(["repro", "--force", "--single-item", stage], workspace, delay):
+        was_killed = kill_after(["repro", "--force", "--single-item", stage], workspace, delay)
+        if was_killed:
             killed.append(stage)
         assert (workspace / "dvc.lock").read_bytes() == lock, f"{stage}: a partial run locked"
         written = _records(workspace / "outputs/evaluate/samples")
@@ -73,6 +74,9 @@ def test_a_stage_killed_at_a_random_point_reruns_and_records_nothing_partial(
             f"({time.monotonic() - began:.0f}s): {rerun.stdout[-1500:]}{rerun.stderr[-1500:]}"
         status = _dvc(workspace, "status", stage)
         assert "changed" not in status.stdout and "deleted" not in status.stdout, status.stdout
+        print(f"kill {stage}: at {delay:.1f}s of ~{seconds[stage]:.0f}s, "
+              f"{'killed' if was_killed else 'had finished'}; rerun ok, up to date"
+              + (f", {written} sample records kept" if stage == "evaluate" else ""))
         if stage == "evaluate":
             results = json.loads((workspace / "outputs/evaluate/scores.json").read_text())
             assert sum(r["resumed"] for r in results["results"]) == written

@@ -29,8 +29,10 @@ with_uv() {
   for value in ${PIP_CONSTRAINT:-} $("${PIP[@]}" config get global.constraint 2>/dev/null || true); do
     [ -f "$value" ] && args+=(--constraint "$value")
   done
-  .venv/bin/uv pip install -q --python .venv/bin/python "${args[@]}" torch==2.13.0
-  .venv/bin/uv pip install -q --python .venv/bin/python "${args[@]}" -e ".[dev]"
+  # --compile-bytecode: as pip does; stage processes (PYTHONDONTWRITEBYTECODE is common)
+  # would otherwise compile torch and transformers from source at every start.
+  .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${args[@]}" torch==2.13.0
+  .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${args[@]}" -e ".[dev]"
 }
 
 if [ "${IDLM_INSTALLER:-uv}" = uv ] && "${PIP[@]}" install -q uv 2>/dev/null; then

@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +84,11 @@ def prefect_flow_facts(flow_run_id: str) -> dict[str, Any]:
             "tasks": sorted(t.name for t in tasks), "messages": [log.message for log in logs]}
 
 
-def kill_after(dvc_args: list[str], workspace: Path, delay: float) -> bool:
+def kill_after(dvc_args: list[str], workspace: Path, delay: float,
+               once: Callable[[], bool] | None = None) -> bool:
     """Start ``dvc <dvc_args>`` in ``workspace``, SIGKILL its whole process group (DVC and
-    the stage it runs) after ``delay`` s; True when it was still running then."""
+    the stage it runs) ``delay`` s after the start (or after ``once()`` first holds); True
+    when it was still running then."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for name in ("IDLM_WORKSPACE", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
@@ -92,6 +96,10 @@ def kill_after(dvc_args: list[str], workspace: Path, delay: float) -> bool:
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
+        while once is not None and not once():
+            if process.poll() is not None:
+                return False
+            time.sleep(0.05)
         process.wait(timeout=delay)
         return False
     except subprocess.TimeoutExpired:

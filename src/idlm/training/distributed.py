@@ -57,9 +57,9 @@ def exit_process(code: int) -> NoReturn:
     """End a stage process with ``code``; a rank of a multi-rank job skips C++ teardown.
 
     ``destroy_process_group`` does not free a gloo group that DeepSpeed's ZeRO-3 state
-    still references: its worker threads outlive Python and, at C++ static teardown, one
-    rank in ~20 CI runs aborted ("terminate called without an active exception") after
-    its job had finished. A launched rank therefore runs the atexit handlers (MLflow's
+    still references: its worker threads outlive Python (seen here after ZeRO-3 runs) and,
+    at C++ static teardown, a rank that had finished its job aborted ("terminate called
+    without an active exception") in two CI runs (16 local reruns did not show it). A launched rank therefore runs the atexit handlers (MLflow's
     flush, :func:`shutdown`), flushes its streams and leaves with ``os._exit``. A single
     process (and any in-process caller) exits normally.
     """

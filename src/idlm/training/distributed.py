@@ -59,8 +59,9 @@ def exit_process(code: int) -> NoReturn:
     ``destroy_process_group`` does not free a gloo group that DeepSpeed's ZeRO-3 state
     still references: its worker threads outlive Python (seen here after ZeRO-3 runs) and,
     at C++ static teardown, a rank that had finished its job aborted ("terminate called
-    without an active exception") in two CI runs (16 local reruns did not show it). A launched rank therefore runs the atexit handlers (MLflow's
-    flush, :func:`shutdown`), flushes its streams and leaves with ``os._exit``. A single
+    without an active exception") in two CI runs (16 local reruns did not show it). A
+    launched rank therefore runs the atexit handlers (MLflow's flush, :func:`shutdown`),
+    flushes its streams and leaves with ``os._exit``. A single
     process (and any in-process caller) exits normally.
     """
     if _launched_world <= 1:

@@ -11,7 +11,6 @@ Only pydantic and yaml are imported here, so validation fails fast (well under
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +26,7 @@ from idlm.config_downstream import (
     Section,
     VerifySection,
 )
+from idlm.config_files import apply_overrides, read_config
 from idlm.config_paths import (
     DEFAULT_OUTPUTS,
     ConfigError,
@@ -303,86 +303,11 @@ def _describe_error(err: dict[str, Any]) -> str:
     return f"key '{key}': {err['msg'].lower()} (got {shown})"
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (profiles live in {config_dir()})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", exc)
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at top level")
-    return data
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value, e.g. ic.train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"override '{text}': the value is not valid YAML; quote it, "
-                          "e.g. key='text'") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        try:
-            node: Any = data
-            for k in keys[:-1]:
-                node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
-            if isinstance(node, list):
-                node[int(keys[-1])] = value
-            else:
-                node[keys[-1]] = value
-        except (ValueError, IndexError, TypeError, AttributeError):
-            # A path through a scalar or past a list's end: name it instead of a traceback.
-            raise ConfigError(f"override '{text}': key '{'.'.join(keys)}' does not lead to a "
-                              "setting (lists take an index: ic.phases.0.steps=10)") from None
-    return data
-
-
 def validate(data: dict[str, Any], source: str | Path) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe_error(exc.errors()[0])}") from None
-
-
-def _merged(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """``child`` over ``parent``: a mapping merges key by key; anything else, an empty
-    mapping included (``overrides: {}``), replaces."""
-    out = copy.deepcopy(parent)
-    for key, value in child.items():
-        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def read_config(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's data; ``extends: PROFILE`` starts from that profile (same folder)."""
-    data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent:
-        raise ConfigError(f"{path}: 'extends' names a profile, e.g. extends: tiny")
-    parent_path = path.parent / f"{parent}.yaml"
-    if parent_path.resolve() in {p.resolve() for p in (*_chain, path)}:
-        raise ConfigError(f"{path}: 'extends: {parent}' loops back to itself")
-    if not parent_path.is_file():
-        raise ConfigError(f"{path}: 'extends: {parent}' but {parent_path} does not exist")
-    return _merged(read_config(parent_path, (*_chain, path)), data)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

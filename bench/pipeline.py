@@ -35,12 +35,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 15.0
-# A small tiny profile (the stages' compute is irrelevant here: everything is cached).
-SMALL = ["prepare.synthetic.train_size=300", "prepare.synthetic.eval_size=16",
-         "prepare.tokenizer.vocab_size=400", "model.tiny.hidden_size=64", "model.tiny.head_dim=16",
-         "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=2",
-         "base.train.steps=4", "lora.train.steps=2", "lora.rank=4",
-         *[f"ic.phases.{i}.train.steps=1" for i in range(3)]]
+# The test suite's profile (configs/test.yaml): the stages' compute is irrelevant here,
+# everything is cached.
+PROFILE = "test"
 
 
 def _environment(prefect_home: Path) -> dict[str, str]:
@@ -69,7 +66,7 @@ def _run(args: list[str], workspace: Path, env: dict[str, str]) -> tuple[float, 
 
 
 def build_workspace(root: Path, env: dict[str, str]) -> Path:
-    """A fresh copy of the project with the small tiny profile active (not yet run)."""
+    """A fresh copy of the project with the test profile active (not yet run)."""
     root.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", "configs", "stages", "src"):
         source = REPO / name
@@ -79,7 +76,7 @@ def build_workspace(root: Path, env: dict[str, str]) -> Path:
             shutil.copy(source, root / name)
     _run(["git", "init", "-q"], root, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
-    _run([sys.executable, "-m", "idlm.cli", "config", "use", "tiny", *SMALL], root, env)
+    _run([sys.executable, "-m", "idlm.cli", "config", "use", PROFILE], root, env)
     return root
 
 
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                      else build_workspace(scratch / "workspace", env))
         report: dict[str, Any] = {
             "benchmark": "idlm-full cached vs dvc repro cached",
-            "workspace": str(workspace) if args.workspace else "fresh small tiny workspace",
+            "workspace": str(workspace) if args.workspace else "fresh test-profile workspace",
             "repeats": args.repeats, "cpus": os.cpu_count(), "target_overhead_s": TARGET_SECONDS,
             "load_average_1m_before": round(os.getloadavg()[0], 2)}
         # The README command: no server configured, Prefect starts a temporary one per run.

@@ -57,6 +57,57 @@ def test_engine_ar_equals_transformers_generate(trained, use_trained: bool) -> N
     assert ours == transformers_greedy(model, prompts, 24, [5], engine.pad_token_id)
 
 
+def test_transformers_reference_batched_by_length_equals_one_prompt_at_a_time(trained) -> None:
+    """Prompts of one length share a ``generate`` call (no padding); rows that stop early
+    are cut after their stop token as a lone call stops there."""
+    prompts = pattern_prompts(12, seed=17, min_length=3, max_length=5)
+    assert len({len(p) for p in prompts}) < len(prompts)   # some lengths repeat
+    stops = [5, 9]
+    batched = transformers_greedy(trained, prompts, 20, stops, 0)
+    alone = transformers_greedy(trained, prompts, 20, stops, 0, max_batch_size=1)
+    assert batched == alone
+    assert any(len(tokens) < 20 for tokens in batched)      # a stop token ended some rows
+
+
+@pytest.mark.parametrize("mode", ["ar", "isd"])
+def test_copies_of_one_prompt_share_the_prefill_and_sample_alone(trained, mode: str) -> None:
+    """n samples of one prompt (the exactness checks, a server's n > 1) prefill once; each
+    row still samples with its own seed, exactly as it does alone."""
+    prompt = pattern_prompts(1, seed=61)[0]
+    sampled = [GenerationRequest(prompt, mode, 4, SamplingParams(
+        temperature=1.0, max_new_tokens=12, seed=seed)) for seed in range(6)]
+    other = GenerationRequest(pattern_prompts(1, seed=62)[0], mode, 4, GREEDY)
+    engine = DecodingEngine(trained, MASK_ID, stop_token_ids=[])
+    rows_run, forward = [], engine.decode_forward
+
+    def counting(input_ids, *args):  # noqa: ANN001, ANN202
+        rows_run.append(input_ids.shape[0])
+        return forward(input_ids, *args)
+
+    engine.decode_forward = counting
+    together = engine.generate([*sampled[:3], other, *sampled[3:]])
+    assert rows_run[0] == 2 and rows_run[1] == 7   # prefill: the two distinct prompts
+    engine.decode_forward = forward
+    alone = [engine.generate([request])[0] for request in [*sampled[:3], other, *sampled[3:]]]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in together[:3]}) > 1   # the seeds do differ
+
+
+def test_shared_rows_finds_repeated_prefill_windows() -> None:
+    from idlm.decoding.bookkeeping import prefill_window, shared_rows
+
+    prompts = [[4, 5, 6], [7, 8], [4, 5, 6], [4, 5, 6], [7, 8]]
+    window = prefill_window(prompts, [3, 3, 3, 3, 3], 3, MASK_ID, 0, "cpu")
+    first, inverse = shared_rows(window)
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 0, 1]
+    assert torch.equal(window.input_ids[first][inverse], window.input_ids)
+    # Same ids but fewer drafts is another window (its MASK slots are padding).
+    fewer = prefill_window([[4, 5, 6], [4, 5, 6]], [3, 2], 3, MASK_ID, 0, "cpu")
+    assert shared_rows(fewer) is None
+    assert shared_rows(prefill_window([[4, 5, 6], [7, 8]], [3, 3], 3, MASK_ID, 0, "cpu")) \
+        is None
+
+
 def test_greedy_output_does_not_depend_on_batch_mates(trained) -> None:
     engine = DecodingEngine(trained, MASK_ID, stop_token_ids=[])
     target = GenerationRequest(pattern_prompts(1, seed=21)[0], "isd", 4, GREEDY)

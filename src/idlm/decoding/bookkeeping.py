@@ -75,6 +75,25 @@ def prefill_window(prompts: Sequence[Sequence[int]], num_drafts: Sequence[int],
                   drafting.to(device))
 
 
+def shared_rows(window: Window) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the first row of each distinct prefill window, each row's index into those) when
+    some rows repeat another row exactly (ids, positions and MASK slots); else None."""
+    rows = window.input_ids.shape[0]
+    if rows < 2:
+        return None
+    key = torch.cat([window.input_ids, window.position_ids, window.drafting.long()], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows:
+        return None
+    # The lowest row of each group, so the shared rows keep their batch order.
+    first = torch.full((distinct.shape[0],), rows, dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows, device=key.device), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=key.device)
+    return first[order], rank[inverse]
+
+
 def attention_mask(lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
     """Bool [B, 1, W, K]: query i of row r sees cache slots <= lengths[r] + i (causal).
 

@@ -160,7 +160,7 @@ class DecodingEngine:
         window = book.prefill_window(prompts, [r.num_drafts for r in chosen],
                                      shape.width_drafts, self.mask_token_id, self.pad_token_id,
                                      self.device)
-        self._advance(batch, window, shape, stop_string_ends)
+        self._advance(batch, window, shape, stop_string_ends, prefill=True)
         return batch
 
     def _step(self, batch: DecodeBatch, shape: CallShape, stop_string_ends: set[int]) -> None:
@@ -176,8 +176,8 @@ class DecodingEngine:
 
     # ------------------------------------------------------------------ one step
     def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape,
-                 stop_string_ends: set[int]) -> None:
-        logits = self._forward(batch, window, shape.width_drafts)
+                 stop_string_ends: set[int], prefill: bool = False) -> None:
+        logits = self._forward(batch, window, shape.width_drafts, prefill)
         outcome = self._verify(batch, logits, window.num_checked, shape.width_drafts)
         written_before = batch.written.clone() if self._has_stop_strings(batch) else None
         self._commit(batch, window, outcome)
@@ -211,16 +211,38 @@ class DecodingEngine:
         batch.step_index += 1
         batch.refresh_host()
 
-    def _forward(self, batch: DecodeBatch, window: book.Window, width_drafts: int
-                 ) -> torch.Tensor:
+    def _forward(self, batch: DecodeBatch, window: book.Window, width_drafts: int,
+                 prefill: bool = False) -> torch.Tensor:
         """Logits [B, 2D+1, V] at the rows the verifier reads (never the whole prompt)."""
         width = window.input_ids.shape[1]
         self.forwards_run += 1
-        hidden = self.decode_forward(window.input_ids, window.position_ids, batch.cache,
-                                     batch.lengths, batch.max_length + width, window.drafting)
+        shared = book.shared_rows(window) if prefill else None
+        if shared is None:
+            hidden = self.decode_forward(window.input_ids, window.position_ids, batch.cache,
+                                         batch.lengths, batch.max_length + width,
+                                         window.drafting)
+        else:
+            hidden = self._shared_prefill(batch, window, *shared)
         rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
         picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.head(picked)
+
+    def _shared_prefill(self, batch: DecodeBatch, window: book.Window, first: torch.Tensor,
+                        inverse: torch.Tensor) -> torch.Tensor:
+        """Rows with the same prefill window (one prompt sampled many times: ``n`` > 1, the
+        exactness checks) run it once; their KV and hidden states are copied to the rest.
+        Each row still verifies and samples on its own."""
+        width = window.input_ids.shape[1]
+        cache = RaggedKVCache.for_model(self.config, first.numel(), batch.cache.capacity,
+                                        self.cache_dtype, self.device)
+        lengths = batch.lengths.index_select(0, first)
+        hidden = self.decode_forward(window.input_ids.index_select(0, first),
+                                     window.position_ids.index_select(0, first), cache,
+                                     lengths, int(lengths.max()) + width,
+                                     window.drafting.index_select(0, first))
+        cache.select_rows(inverse)
+        batch.cache.keys, batch.cache.values = cache.keys, cache.values
+        return hidden.index_select(0, inverse)
 
     def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor,
                 width_drafts: int) -> StepOutcome:

@@ -42,8 +42,10 @@ def introspective_acceptance(model: torch.nn.Module, sequences: Sequence[Sequenc
     gated = getattr(decoder, "idlm_token_gate", None) is not None
     block = stride - 1
     accepted, counted = torch.zeros(block, dtype=torch.float64), torch.zeros(block)
-    jobs = [(index, offset) for index in range(len(sequences)) for offset in range(block)
-            if 0 < prompt_lengths[index] < len(sequences[index])]
+    # Longest first, so a batch's rows are of about one length (little padding).
+    jobs = sorted(((index, offset) for index in range(len(sequences)) for offset in range(block)
+                   if 0 < prompt_lengths[index] < len(sequences[index])),
+                  key=lambda job: -len(sequences[job[0]]))
     for first in range(0, len(jobs), batch_size):
         chosen = jobs[first:first + batch_size]
         batch = build_ic_batch([sequences[i] for i, _ in chosen],

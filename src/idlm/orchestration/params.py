@@ -36,6 +36,8 @@ class FlowSettings(BaseModel):
     stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
     # Outputs up to this size are copied into MLflow; larger ones are referenced by hash.
     artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
+    # After a successful run: push outputs, record the lock on a run branch (storage.py).
+    push: bool = False
 
     def retries_for(self, stage: str) -> int:
         return self.stage_retries.get(stage, self.retries)

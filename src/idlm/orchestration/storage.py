@@ -1,0 +1,81 @@
+"""After a successful cluster run: outputs to the DVC remote, the lock to a run branch.
+
+``dvc.lock`` is what says which outputs a run produced; on a cluster the workspace is
+thrown away, so the lock must outlive it next to the outputs. The decision here: **a
+branch per run**. With ``flow.push`` on, a run that succeeded
+
+1. pushes every output to the DVC remote (``dvc push``: an S3 bucket on the cluster, the
+   credentials from the environment, the endpoint from ``dvc remote modify --local``), then
+2. commits ``dvc.lock`` and ``params.yaml`` on top of the checked-out commit as branch
+   ``idlm-runs/<flow run name>`` (git plumbing: the working tree and the current branch are
+   not touched), and pushes that branch to ``origin`` when there is one.
+
+A fresh clone restores the run with ``git checkout idlm-runs/<name> && dvc pull``, and
+``dvc repro`` then has nothing to run. The MLflow parent run records the branch and commit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from idlm.stage import StageError
+
+BRANCH_PREFIX = "idlm-runs/"
+RECORDED = ("dvc.lock", "params.yaml")
+
+
+def run_branch(run_name: str) -> str:
+    """``idlm-runs/<name>`` with the name made a valid ref (Prefect names are words-words)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip(".-") or "run"
+    return BRANCH_PREFIX + safe
+
+
+def publish_run(workspace: Path, run_name: str) -> dict[str, str]:
+    """``dvc push``, then the lock and params committed as the run's branch (see above)."""
+    _dvc(workspace, "push", "-q")
+    branch = run_branch(run_name)
+    commit = _commit_on_branch(workspace, branch, f"idlm run {run_name}: dvc.lock and params")
+    pushed = "no git remote"
+    if _git(workspace, "remote").split().count("origin"):
+        _git(workspace, "push", "-q", "origin", f"{branch}:{branch}")
+        pushed = "origin"
+    return {"branch": branch, "commit": commit, "git_push": pushed}
+
+
+def _commit_on_branch(workspace: Path, branch: str, message: str) -> str:
+    """A commit of HEAD's tree plus ``RECORDED`` as they are on disk, as ``branch``."""
+    missing = [name for name in RECORDED if not (workspace / name).is_file()]
+    if missing:
+        raise StageError(f"cannot record the run: {', '.join(missing)} missing in {workspace}")
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(folder) / "index")}
+        _git(workspace, "read-tree", "HEAD", env=env)
+        _git(workspace, "add", "-f", *RECORDED, env=env)
+        tree = _git(workspace, "write-tree", env=env)
+    commit = _git(workspace, "-c", "user.name=idlm", "-c", "user.email=idlm@localhost",
+                  "commit-tree", tree, "-p", "HEAD", "-m", message)
+    _git(workspace, "update-ref", f"refs/heads/{branch}", commit)
+    return commit
+
+
+def _git(workspace: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True,
+                          env=env, check=False)
+    if done.returncode != 0:
+        raise StageError(f"git {args[0]} failed in {workspace}: "
+                         f"{(done.stderr or done.stdout).strip()[-300:]}")
+    return done.stdout.strip()
+
+
+def _dvc(workspace: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise StageError(f"dvc {args[0]} failed in {workspace}: "
+                         f"{(done.stderr or done.stdout).strip()[-300:]} (is a default remote "
+                         "configured? `dvc remote add -d storage s3://…`)")

@@ -98,6 +98,7 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
         selected = pipeline.select(only, from_stage)
         cfg = prepare_params(root, profile, list(overrides or []))
         settings = flow_settings(cfg, retries, pipeline.names)
+        _secrets_from_blocks(settings.secrets)
         context = FlowContext(run_id, run_name, cfg.profile, selected, _parameters(
             profile=profile, only=only, from_stage=from_stage, overrides=overrides,
             retries=retries))
@@ -121,6 +122,22 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
                              f"run {result['parent_run_id']} and the task logs",
                              result["summary"])
     return result
+
+
+def _secrets_from_blocks(blocks: dict[str, str]) -> None:
+    """``flow.secrets``: each unset variable from its Prefect Secret block, into this
+    process's environment only (stages inherit it; nothing is logged or written)."""
+    from prefect.blocks.system import Secret
+
+    for name, block in blocks.items():
+        if os.environ.get(name):
+            continue
+        try:
+            os.environ[name] = Secret.load(block).get()
+        except ValueError as exc:
+            raise config_mod.ConfigError(
+                f"flow.secrets.{name}: no Prefect Secret block {block!r} ({exc}); create it "
+                f"with `prefect block create secret` or set {name} in the environment") from None
 
 
 def _publish(run: PipelineRun, root: Path, run_name: str, parent_id: str) -> dict[str, str]:

@@ -239,6 +239,9 @@ class FlowConfig(Section):
     # After a successful run: `dvc push` and dvc.lock + params.yaml committed as branch
     # idlm-runs/<run name> (idlm.orchestration.storage). Needs a default DVC remote.
     push: bool = False
+    # Environment variables to fill from Prefect Secret blocks when unset, e.g.
+    # {AWS_SECRET_ACCESS_KEY: idlm-s3-secret, HF_TOKEN: hf-token}: block names, never values.
+    secrets: dict[str, Annotated[str, Field(min_length=1)]] = {}
 
 
 # ---------------------------------------------------------------- root

@@ -6,7 +6,8 @@ One copy of the suite's trained workspace runs `export` and `gate` through the f
 Checked: runs and metrics in PostgreSQL, artifacts in the bucket (read back with boto3),
 `champion` still on the first export's bytes after the second, `dvc push` -> fresh clone
 -> `dvc pull` -> `dvc repro` running nothing, and planted secrets nowhere in params, lock,
-DVC config, MLflow params or logs.
+DVC config, MLflow params or logs. The flow gets the S3 secret key from a Prefect Secret
+block (`flow.secrets`), not from its environment.
 """
 
 from __future__ import annotations
@@ -50,10 +51,28 @@ def stack():  # noqa: ANN201 - the running stack's state
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _flow(workspace: Path, state: Any, *args: str) -> subprocess.CompletedProcess:
-    """The flow as a cluster runs it: tracking and the DVC remote from the environment."""
-    env = {**os.environ, **state.client_env()}
+def _prefect_env(prefect_home: Path) -> dict[str, str]:
+    """Prefect's ephemeral mode in its own home (the same database across calls)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.pop("IDLM_WORKSPACE", None)
+    return {**env, "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def _save_secret_block(prefect_home: Path, name: str, value: str) -> None:
+    code = ("import sys; from prefect.blocks.system import Secret; "
+            "Secret(value=sys.stdin.read()).save(sys.argv[1], overwrite=True)")
+    done = subprocess.run([sys.executable, "-c", code, name], input=value, text=True,
+                          env=_prefect_env(prefect_home), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
+def _flow(workspace: Path, state: Any, prefect_home: Path, *args: str
+          ) -> subprocess.CompletedProcess:
+    """The flow as a cluster runs it: tracking and the DVC remote from the environment, the
+    S3 secret key not in it but in a Prefect Secret block (flow.secrets)."""
+    env = {**_prefect_env(prefect_home), **state.client_env()}
+    env.pop("AWS_SECRET_ACCESS_KEY")
     done = subprocess.run([sys.executable, str(REPO / "flows/idlm_full.py"), "--workspace",
                            str(workspace), "--json", str(workspace / "summary.json"), *args],
                           cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
@@ -85,15 +104,19 @@ def cluster_run(stack, trained_workspace: dict, tmp_path_factory) -> dict[str, A
     git(workspace, "add", ".dvc/config")
     git(workspace, "commit", "-q", "-m", "DVC remote")
     # export and the gate (which sets `champion` on these versions), pushed and recorded
-    first = _flow(workspace, stack, "--from", "export", "export.check_new_tokens=8",
-                  "flow.push=true")
+    prefect_home = tmp_path_factory.mktemp("prefect-home")
+    _save_secret_block(prefect_home, "idlm-s3-secret", SECRET_KEY)
+    first = _flow(workspace, stack, prefect_home, "--from", "export",
+                  "export.check_new_tokens=8", "flow.push=true",
+                  "+flow.secrets.AWS_SECRET_ACCESS_KEY=idlm-s3-secret")
     summary = json.loads((workspace / "summary.json").read_text())
     client = MlflowClient(tracking_uri=stack.tracking_uri)
     registered = json.loads((workspace / "outputs/export/registry.json").read_text())
     champion = {r["name"]: r["version"] for r in registered["registered"]}
     first_manifests = {kind: (workspace / f"outputs/export/{kind}/manifest.json").read_bytes()
                        for kind in ("isd", "risd")}
-    second = _flow(workspace, stack, "--only", "export", "export.check_new_tokens=6")
+    second = _flow(workspace, stack, prefect_home, "--only", "export",
+                   "export.check_new_tokens=6")
     return {"workspace": workspace, "summary": summary, "client": client,
             "champion": champion, "first_manifests": first_manifests,
             "logs": first.stdout + first.stderr + second.stdout + second.stderr}

@@ -38,6 +38,8 @@ class FlowSettings(BaseModel):
     artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
     # After a successful run: push outputs, record the lock on a run branch (storage.py).
     push: bool = False
+    # ENV name -> Prefect Secret block that fills it when unset (see the flow).
+    secrets: dict[str, str] = {}
 
     def retries_for(self, stage: str) -> int:
         return self.stage_retries.get(stage, self.retries)

@@ -15,6 +15,7 @@ pipeline: setup
 	python flows/idlm_full.py --profile $(PROFILE)
 
 test: setup
+	bash scripts/test_services.sh
 	python -m pytest -q
 
 lint: setup

@@ -141,8 +141,12 @@ def test_runs_and_metrics_are_in_postgresql(stack, cluster_run) -> None:  # noqa
 
 
 def test_artifacts_are_in_the_bucket(stack, cluster_run) -> None:  # noqa: ANN001
+    from botocore.exceptions import ClientError
+
     from idlm.orchestration.stack import s3_client
 
+    with pytest.raises(ClientError):   # the server takes the stack's key, and only that
+        s3_client(stack, "idlm-test", "not-the-key").list_objects_v2(Bucket="idlm")
     s3 = s3_client(stack, "idlm-test", SECRET_KEY)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
         Bucket="idlm", Prefix="mlflow/") for o in page.get("Contents", [])]

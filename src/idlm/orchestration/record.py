@@ -5,7 +5,7 @@
 - metrics: every number in its metrics files, plus each JSON plot file (``history.json``)
   as curves, stepped by the plot's ``x`` key;
 - artifacts: metrics JSON, plot files (PNG), outputs up to ``artifact_max_bytes`` (an
-  adapter, evaluation sample logs); larger ones (weights, checkpoints) are *referenced*
+  adapter, evaluation sample logs); larger ones (weights) are *referenced*
   (path, hash, size from ``dvc.lock``) in ``dvc_outputs.json``.
 
 Reading declared files only means a stage DVC skipped is recorded exactly like one that ran.

@@ -13,10 +13,11 @@ them from packages, on loopback, for a laptop, a CI job or a test:
   ``--artifacts-destination s3://<bucket>/mlflow``, serving artifacts itself (clients need
   no S3 credentials to log or read them).
 
-Secrets come from the environment only: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
-(the S3 key, read by SeaweedFS's config file that this module writes 0600 into the stack
-folder, by boto3, DVC and the MLflow server) and ``PGPASSWORD`` (PostgreSQL's password; the
-MLflow server gets it through its environment, never in its store URI or on a command line).
+Secrets come from the environment only and are written nowhere: ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` (the S3 key: SeaweedFS takes its one identity from them, as do
+boto3, DVC and the MLflow server) and ``PGPASSWORD`` (PostgreSQL's password: given to
+``initdb`` through a 0600 file deleted at once, read by libpq in the MLflow server, never in
+its store URI or on a command line).
 ``python -m idlm.orchestration.stack up`` prints what to export to use it.
 """
 
@@ -101,7 +102,7 @@ def start(root: Path, timeout_s: float = 120.0) -> StackState:
                        weed_ports, {})
     try:
         state.pids["postgres"] = _start_postgres(root, state.postgres_port, password)
-        state.pids["weed"] = _start_weed(root, state, access_key, secret_key)
+        state.pids["weed"] = _start_weed(root, state)
         _wait_for_s3(state, access_key, secret_key, root / "weed.log", timeout_s)
         state.pids["mlflow"] = _start_mlflow(root, state, timeout_s)
     except BaseException:
@@ -173,19 +174,15 @@ def _ensure_database(port: int, password: str) -> None:
     connection.close()
 
 
-def _start_weed(root: Path, state: StackState, access_key: str, secret_key: str) -> int:
-    config = root / "s3.json"
-    config.touch(mode=0o600)
-    config.write_text(json.dumps({"identities": [{
-        "name": "idlm", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+def _start_weed(root: Path, state: StackState) -> int:
+    """``weed mini`` takes its one S3 identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    in its environment and refuses any other key."""
     ports = state.weed_ports
     command = [_weed(), "mini", f"-dir={root / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
                f"-s3.port={state.s3_port}", "-webdav=false", "-admin.ui=false",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-               f"-bucket={BUCKET}"]
+               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={BUCKET}"]
     (root / "weed").mkdir(exist_ok=True)
     return _spawn(command, root / "weed.log", os.environ.copy())
 

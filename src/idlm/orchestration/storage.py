@@ -31,7 +31,7 @@ RECORDED = ("dvc.lock", "params.yaml")
 
 def run_branch(run_name: str) -> str:
     """``idlm-runs/<name>`` with the name made a valid ref (Prefect names are words-words)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip(".-") or "run"
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-") or "run"
     return BRANCH_PREFIX + safe
 
 

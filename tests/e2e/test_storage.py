@@ -1,13 +1,13 @@
 """Cluster storage, started for real on loopback: PostgreSQL + SeaweedFS S3 + `mlflow server`
 (idlm.orchestration.stack), the flow tracking into it and pushing to a DVC S3 remote.
 
-One copy of the suite's trained workspace runs `export` and `gate` through the flow with
-`flow.push` on (the gate sets `champion`), then `export` again after a param change.
-Checked: runs and metrics in PostgreSQL, artifacts in the bucket (read back with boto3),
-`champion` still on the first export's bytes after the second, `dvc push` -> fresh clone
--> `dvc pull` -> `dvc repro` running nothing, and planted secrets nowhere in params, lock,
-DVC config, MLflow params or logs. The flow gets the S3 secret key from a Prefect Secret
-block (`flow.secrets`), not from its environment.
+A copy of the suite's trained workspace runs the flow three times: once with nothing to
+rerun and `flow.push` on, then `export` after a param change, twice. Checked: runs and
+metrics in PostgreSQL, artifacts in the bucket (read back with boto3), `champion` still on
+the first export's bytes after the second, `dvc push` -> fresh clone -> `dvc pull` -> `dvc
+repro` running nothing, and planted secrets nowhere in params, lock, DVC config, MLflow
+params or the flow runs' logs. The flow gets the S3 secret key from a Prefect Secret block
+(`flow.secrets`), not from its environment.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.workspace import REPO, copy_workspace, git
+from tests.workspace import copy_workspace, git, prefect_flow_facts
 
 pytestmark = pytest.mark.slow
 
@@ -51,35 +51,6 @@ def stack():  # noqa: ANN201 - the running stack's state
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _prefect_env(prefect_home: Path) -> dict[str, str]:
-    """Prefect's ephemeral mode in its own home (the same database across calls)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.pop("IDLM_WORKSPACE", None)
-    return {**env, "PREFECT_HOME": str(prefect_home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-def _save_secret_block(prefect_home: Path, name: str, value: str) -> None:
-    code = ("import sys; from prefect.blocks.system import Secret; "
-            "Secret(value=sys.stdin.read()).save(sys.argv[1], overwrite=True)")
-    done = subprocess.run([sys.executable, "-c", code, name], input=value, text=True,
-                          env=_prefect_env(prefect_home), capture_output=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-1500:]
-
-
-def _flow(workspace: Path, state: Any, prefect_home: Path, *args: str
-          ) -> subprocess.CompletedProcess:
-    """The flow as a cluster runs it: tracking and the DVC remote from the environment, the
-    S3 secret key not in it but in a Prefect Secret block (flow.secrets)."""
-    env = {**_prefect_env(prefect_home), **state.client_env()}
-    env.pop("AWS_SECRET_ACCESS_KEY")
-    done = subprocess.run([sys.executable, str(REPO / "flows/idlm_full.py"), "--workspace",
-                           str(workspace), "--json", str(workspace / "summary.json"), *args],
-                          cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done
-
-
 def _dvc(workspace: Path, *args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace,
                           capture_output=True, text=True, env=env or os.environ.copy())
@@ -96,30 +67,47 @@ def _remote(workspace: Path, state: Any) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_run(stack, trained_workspace: dict, tmp_path_factory) -> dict[str, Any]:  # noqa: ANN001
+    """Three runs of the flow (in the suite's Prefect server) on a copy of the trained
+    workspace, tracking into the stack: (1) nothing to rerun, pushed and recorded on a run
+    branch; (2) and (3) `export` again after a param change each, so the registry holds two
+    versions per bundle, `champion` set on the first."""
     from mlflow import MlflowClient
+    from prefect.blocks.system import Secret
+
+    from flows.idlm_full import idlm_full
+    from idlm import tracking
 
     workspace = copy_workspace(trained_workspace["root"],
                                tmp_path_factory.mktemp("cluster") / "workspace")
     _remote(workspace, stack)
     git(workspace, "add", ".dvc/config")
     git(workspace, "commit", "-q", "-m", "DVC remote")
-    # export and the gate (which sets `champion` on these versions), pushed and recorded
-    prefect_home = tmp_path_factory.mktemp("prefect-home")
-    _save_secret_block(prefect_home, "idlm-s3-secret", SECRET_KEY)
-    first = _flow(workspace, stack, prefect_home, "--from", "export",
-                  "export.check_new_tokens=8", "flow.push=true",
-                  "+flow.secrets.AWS_SECRET_ACCESS_KEY=idlm-s3-secret")
-    summary = json.loads((workspace / "summary.json").read_text())
+    Secret(value=SECRET_KEY).save("idlm-s3-secret", overwrite=True)
     client = MlflowClient(tracking_uri=stack.tracking_uri)
-    registered = json.loads((workspace / "outputs/export/registry.json").read_text())
-    champion = {r["name"]: r["version"] for r in registered["registered"]}
-    first_manifests = {kind: (workspace / f"outputs/export/{kind}/manifest.json").read_bytes()
-                       for kind in ("isd", "risd")}
-    second = _flow(workspace, stack, prefect_home, "--only", "export",
-                   "export.check_new_tokens=6")
-    return {"workspace": workspace, "summary": summary, "client": client,
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in stack.client_env().items():
+            patch.setenv(key, value)
+        patch.delenv("IDLM_WORKSPACE", raising=False)
+        # The flow gets the S3 secret key from the Prefect Secret block, not the environment.
+        patch.delenv("AWS_SECRET_ACCESS_KEY")
+        published = idlm_full(workspace=str(workspace), overrides=[
+            "flow.push=true", "+flow.secrets.AWS_SECRET_ACCESS_KEY=idlm-s3-secret"])
+        second = idlm_full(workspace=str(workspace), only=["export"],
+                           overrides=["export.check_new_tokens=8"])
+        registered = json.loads((workspace / "outputs/export/registry.json").read_text())
+        champion = {r["name"]: r["version"] for r in registered["registered"]}
+        for name, version in champion.items():
+            tracking.set_alias(name, "champion", version, workspace=workspace)
+        first_manifests = {kind: (workspace / f"outputs/export/{kind}/manifest.json")
+                           .read_bytes() for kind in ("isd", "risd")}
+        third = idlm_full(workspace=str(workspace), only=["export"],
+                          overrides=["export.check_new_tokens=6"])
+    logs = [message for run in (published, second, third)
+            for message in prefect_flow_facts(run["flow_run_id"])["messages"]]
+    assert any("Running stage 'export'" in m for m in logs)   # the logs are the real ones
+    return {"workspace": workspace, "summary": published, "client": client,
             "champion": champion, "first_manifests": first_manifests,
-            "logs": first.stdout + first.stderr + second.stdout + second.stderr}
+            "logs": "\n".join(logs)}
 
 
 def test_runs_and_metrics_are_in_postgresql(stack, cluster_run) -> None:  # noqa: ANN001

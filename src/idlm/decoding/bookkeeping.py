@@ -85,13 +85,9 @@ def shared_rows(window: Window) -> tuple[torch.Tensor, torch.Tensor] | None:
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
     if distinct.shape[0] == rows:
         return None
-    # The lowest row of each group, so the shared rows keep their batch order.
     first = torch.full((distinct.shape[0],), rows, dtype=torch.long, device=key.device)
     first.scatter_reduce_(0, inverse, torch.arange(rows, device=key.device), "amin")
-    order = first.argsort()
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=key.device)
-    return first[order], rank[inverse]
+    return first, inverse
 
 
 def attention_mask(lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:

@@ -95,11 +95,10 @@ def start(root: Path, timeout_s: float = 120.0) -> StackState:
     access_key, secret_key, password = credentials()
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    ports = _free_ports(3)
-    weed_ports = dict(zip(("master", "volume", "filer", "admin"), _free_ports(4, grpc=True),
-                          strict=True))
-    state = StackState(str(root), ports[0], _free_ports(1, grpc=True)[0], ports[2],
-                       weed_ports, {})
+    postgres_port, mlflow_port = _free_ports(2)
+    s3_port, *weed = _free_ports(5, grpc=True)
+    state = StackState(str(root), postgres_port, s3_port, mlflow_port,
+                       dict(zip(("master", "volume", "filer", "admin"), weed, strict=True)), {})
     try:
         state.pids["postgres"] = _start_postgres(root, state.postgres_port, password)
         state.pids["weed"] = _start_weed(root, state)
@@ -144,8 +143,8 @@ def _start_postgres(root: Path, port: int, password: str) -> int:
     _give_to_postgres(root, sockets)
     if not (data / "PG_VERSION").is_file():
         pwfile = root / "pgpass.tmp"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        with os.fdopen(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(password + "\n")   # created 0600: never readable by anyone else
         _give_to_postgres(pwfile)
         try:
             _as_postgres([_pg_bin("initdb"), "-D", str(data), "-U", PG_USER,

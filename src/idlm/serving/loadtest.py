@@ -279,14 +279,6 @@ def write_prompt_file(plan: LoadPlan, path: Path) -> Path:
     return path
 
 
-# guidellm waits a fixed 1 s before each sub-benchmark's first request (after its worker
-# has started) and polls its workers every 0.1 s: 36 sub-benchmarks per tiny gate paid
-# ~40 s for them. The worker is up before the delay starts, and the gate reads per-request
-# rates, which a shorter wait does not change: 0.2 s and 0.02 s took 10 s off each arm.
-GUIDELLM_TIMING = {"GUIDELLM__SCHEDULER_START_DELAY_NON_DISTRIBUTED": "0.2",
-                   "GUIDELLM__MP_POLL_INTERVAL": "0.02"}
-
-
 def run_guidellm(plan: LoadPlan, target: str, workdir: Path,
                  timeout_s: float | None = None) -> list[LevelRun]:
     """Run guidellm's CLI on ``target`` and parse its JSON report (kept in ``workdir``)."""
@@ -297,7 +289,7 @@ def run_guidellm(plan: LoadPlan, target: str, workdir: Path,
     scenario_path.write_text(json.dumps(scenario(plan, target, prompt_file, report), indent=2))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GUIDELLM__MP_CONTEXT_TYPE": "forkserver",
-           "GUIDELLM__LOGGING__LOG_FILE": str(workdir / "guidellm.log"), **GUIDELLM_TIMING}
+           "GUIDELLM__LOGGING__LOG_FILE": str(workdir / "guidellm.log")}
     if plan.generator_workers is not None:
         env["GUIDELLM__MAX_WORKER_PROCESSES"] = str(plan.generator_workers)
     command = [str(Path(sys.executable).parent / "guidellm"), "run", "--scenario",

@@ -19,6 +19,8 @@ from typing import Any
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``generate`` on the ``idlm`` command's subparsers."""
+    from idlm.decoding import algorithms  # the registry: light, torch loads later
+
     parser = subparsers.add_parser(
         "generate", help="decode a prompt with AR, ISD or R-ISD and print text + stats",
         description="Decode one prompt; prints the text and the decoding statistics.")
@@ -30,14 +32,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--allow-other-base", action="store_true",
                         help="load an adapter on weights other than those it was trained on "
                              "(experiments: R-ISD then equals AR decoding of these weights)")
-    parser.add_argument("--mode", choices=("ar", "isd", "risd"), default="isd")
+    parser.add_argument("--mode", choices=algorithms.systems(), default="isd")
     parser.add_argument("--stride", type=int, default=4, help="ISD stride N (default 4)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--proposal", choices=("sample", "argmax"), default="sample",
+    parser.add_argument("--proposal", choices=algorithms.proposals(),
+                        default=algorithms.DEFAULT_PROPOSAL,
                         help="draft proposals at T>0: sample from q or argmax q (both "
                              "exact: argmax is verified as a one-hot proposal)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -89,14 +92,17 @@ def handle_generate(args: argparse.Namespace) -> int:
 
 def argument_error(args: argparse.Namespace) -> str | None:
     """Problems visible from the arguments alone, reported before any model is loaded."""
-    from idlm.decoding.requests import MAX_STRIDE, sampling_error
+    from idlm.decoding import algorithms
+    from idlm.decoding.requests import sampling_error
 
-    if args.mode != "ar" and not 2 <= args.stride <= MAX_STRIDE:
-        return f"stride N={args.stride} is invalid for ISD: use 2 <= N <= {MAX_STRIDE}"
-    if args.mode == "risd" and args.adapter is None:
-        return "mode risd needs an adapter: pass --adapter DIR (a gated LoRA folder)"
-    if args.mode != "risd" and args.adapter is not None:
-        return f"an adapter is only used in mode risd (got mode {args.mode})"
+    algorithm = algorithms.get(args.mode)
+    if (problem := algorithm.stride_error(args.stride)) is not None:
+        return problem
+    if algorithm.gated and args.adapter is None:
+        return f"mode {args.mode} needs an adapter: pass --adapter DIR (a gated LoRA folder)"
+    if not algorithm.gated and args.adapter is not None:
+        gated = " or ".join(a for a in algorithms.systems() if algorithms.get(a).gated)
+        return f"an adapter is only used in mode {gated} (got mode {args.mode})"
     return sampling_error(_request(args, [0]).sampling, can_decode_text=True)
 
 
@@ -117,13 +123,15 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
 
 
 def _request(args: argparse.Namespace, prompt_ids: list[int]) -> Any:
+    from idlm.decoding import algorithms
     from idlm.decoding.requests import GenerationRequest, SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, seed=args.seed,
                               stop_strings=tuple(args.stop), proposal=args.proposal)
-    mode = "ar" if args.mode == "ar" else "isd"
-    return GenerationRequest(prompt_ids, mode, args.stride if mode == "isd" else 1, sampling)
+    algorithm = algorithms.get(args.mode)
+    return GenerationRequest(prompt_ids, algorithm.mode,
+                             args.stride if algorithm.drafts else 1, sampling)
 
 
 def _human(report: dict[str, Any]) -> str:

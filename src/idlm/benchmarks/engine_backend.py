@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from idlm.benchmarks.backends import Completion, Messages, render_prompt
 from idlm.benchmarks.settings import SamplingSettings
+from idlm.decoding import algorithms  # the registry (light: no torch)
 
 System = Literal["ar", "isd", "risd"]
 
@@ -34,14 +35,15 @@ class EngineBackend:
         if self.tokenizer is None:
             raise ValueError("the engine has no tokenizer: pass tokenizer=...")
         self.mode, self.stride, self.thinking, self.proposal = mode, stride, thinking, proposal
-        self.name = name or ("ar" if mode == "ar" else engine.name)
+        self.drafting = algorithms.for_mode(mode).drafts
+        self.name = name or (engine.name if self.drafting else "ar")
 
     @property
     def identity(self) -> dict[str, Any]:
         # ``weights``: what was loaded, so a retrained model never resumes an old model's
         # sample log (the settings alone are the same before and after retraining).
-        return {"mode": self.engine.name if self.mode == "isd" else "ar",
-                "stride": self.stride if self.mode == "isd" else 1, "proposal": self.proposal,
+        return {"mode": self.engine.name if self.drafting else "ar",
+                "stride": self.stride if self.drafting else 1, "proposal": self.proposal,
                 "weights": self.weights}
 
     def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
@@ -59,7 +61,7 @@ class EngineBackend:
                 temperature=max(0.0, sampling.temperature), top_p=sampling.top_p,
                 top_k=max(0, sampling.top_k), max_new_tokens=sampling.max_new_tokens,
                 seed=seed % (1 << 62), proposal=self.proposal)
-            stride = self.stride if self.mode == "isd" else 1
+            stride = self.stride if self.drafting else 1
             requests.append(GenerationRequest(ids, self.mode, stride, params))
         results = {result.index: result for result in self.engine.generate(requests)}
         return [self._completion(results.get(index), text)
@@ -88,5 +90,5 @@ def engine_backend(model_dir: str | Path, adapter_dir: str | Path | None = None,
     weights = weights_fingerprint(model_dir)
     if adapter_dir is not None:
         weights += "+" + weights_fingerprint(adapter_dir)
-    return EngineBackend(engine, "ar" if system == "ar" else "isd", stride=stride,
+    return EngineBackend(engine, algorithms.get(system).mode, stride=stride,
                          thinking=thinking, proposal=proposal, name=system, weights=weights)

@@ -18,15 +18,20 @@ An *argmax proposal* (``argmax q`` instead of a draw from q) is a deterministic 
 so its proposal law is one-hot at the draft: the same rule with that one-hot as q accepts
 with probability p(s) and on rejection draws from p with s removed. That keeps the
 sampler exact; only the q used by the test differs from the q the draft was read from.
+
+``verify_step`` is the one step both callers run (the engine on its batch, the SGLang
+plugin on its windows): greedy when every row is, else warp, draw the step's counter
+uniforms and verify sampled, with each row's argmax flag.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from idlm.decoding.sampling import sample_from
+from idlm.decoding.sampling import counter_uniforms, decision_slots, sample_from, warp_probs
 
 
 @dataclass
@@ -40,6 +45,41 @@ class StepOutcome:
     # [B, D, V] the q those proposals were read from (None when greedy); argmax-proposal
     # rows are verified against a one-hot at the draft instead.
     next_draft_probs: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepSampling:
+    """Per-row sampling of one verification step, as both callers hold it."""
+
+    temperature: torch.Tensor      # [B] float, 0 = greedy
+    top_k: torch.Tensor            # [B] 0 = off
+    top_p: torch.Tensor            # [B] float, 1 = off
+    seeds: torch.Tensor            # [B] the request's seed ...
+    steps: torch.Tensor            # [B] ... and its own step counter (the uniforms' key)
+    argmax_proposal: torch.Tensor  # [B] bool: drafts are argmax q (verified as one-hot q)
+    all_greedy: bool               # every row has temperature 0
+    filters: tuple[bool, bool, bool]  # top-k / top-p used by a sampled row; a greedy row
+
+
+def verify_step(logits: torch.Tensor, drafts: torch.Tensor, num_checked: torch.Tensor,
+                draft_probs: Callable[[], torch.Tensor], sampling: StepSampling
+                ) -> StepOutcome:
+    """Verify one window from its picked logits [B, 2D+1, V] (D+1 AR rows, then D MASK rows).
+
+    ``draft_probs`` gives the [B, D, V] q of ``drafts``; it is called only when some row
+    samples (an all-greedy step never reads q, and building it costs a [B, D, V] tensor).
+    """
+    width = drafts.shape[1]
+    if sampling.all_greedy:
+        return verify_greedy(logits[:, :width + 1], logits[:, width + 1:], drafts, num_checked)
+    probs = warp_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                       *sampling.filters)
+    uniforms = counter_uniforms(sampling.seeds, sampling.steps,
+                                decision_slots(width, logits.device))
+    return verify_sampled(
+        probs[:, :width + 1], probs[:, width + 1:], drafts, draft_probs(), num_checked,
+        accept_uniforms=uniforms[:, 1:width + 1], token_uniforms=uniforms[:, 0],
+        draft_uniforms=uniforms[:, width + 1:], argmax_proposal=sampling.argmax_proposal)
 
 
 def leading_accepts(accept: torch.Tensor, num_checked: torch.Tensor) -> torch.Tensor:

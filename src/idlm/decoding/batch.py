@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from idlm.decoding import algorithms
+from idlm.decoding.acceptance import StepSampling
 from idlm.decoding.kv_cache import RaggedKVCache
 from idlm.decoding.requests import GenerationRequest, SamplingParams
 from idlm.decoding.stats import StatsTensors
@@ -87,6 +89,12 @@ class DecodeBatch:
         return (any(p.top_k > 0 for p in sampled), any(p.top_p < 1 for p in sampled),
                 len(sampled) < len(self.params))
 
+    def step_sampling(self) -> StepSampling:
+        """The rows' sampling for this step's verification (the flags read on the host)."""
+        return StepSampling(self.temperature, self.top_k, self.top_p, self.seeds,
+                            self.step_index, self.argmax_proposal, self.all_greedy,
+                            self.filters)
+
     def draft_probs_or_one_hot(self) -> torch.Tensor:
         """q of the current drafts; greedy drafts were argmax picks, i.e. one-hot q."""
         if self.draft_probs is not None:
@@ -135,10 +143,12 @@ def _row_tensor_fields() -> list[str]:
 
 def new_batch(requests: Sequence[GenerationRequest], request_ids: Sequence[int],
               budgets: Sequence[int], default_stop_ids: Sequence[int], shape: CallShape,
-              cache: RaggedKVCache) -> DecodeBatch:
-    """Row tensors for freshly admitted requests (before their prefill)."""
+              cache: RaggedKVCache, *, gated: bool) -> DecodeBatch:
+    """Row tensors for freshly admitted requests (before their prefill); ``gated``: the
+    model carries the gated adapter (which algorithm runs a request depends on it)."""
     device, rows = shape.device, len(requests)
     params = [request.sampling for request in requests]
+    runs = [algorithms.for_request(r.mode, r.sampling.proposal, gated) for r in requests]
 
     def column(values: Sequence[float | int | bool], dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(list(values), dtype=dtype).to(device)
@@ -153,12 +163,13 @@ def new_batch(requests: Sequence[GenerationRequest], request_ids: Sequence[int],
         lengths=zeros.clone(), pending=zeros.clone(),
         drafts=torch.zeros(rows, shape.width_drafts, dtype=torch.long, device=device),
         draft_probs=None, has_drafts=zeros.bool(),
-        num_drafts=column([r.num_drafts for r in requests], torch.long),
+        num_drafts=column([a.num_drafts(r.stride) for a, r in zip(runs, requests,
+                                                                  strict=True)], torch.long),
         temperature=column([max(p.temperature, 0.0) for p in params], torch.float32),
         top_k=column([p.top_k for p in params], torch.long),
         top_p=column([p.top_p for p in params], torch.float32),
         seeds=column([p.seed for p in params], torch.long),
-        argmax_proposal=column([p.proposal == "argmax" for p in params], torch.bool),
+        argmax_proposal=column([a.argmax_proposal for a in runs], torch.bool),
         step_index=zeros.clone(),
         tokens=torch.zeros(rows, shape.token_width, dtype=torch.long, device=device),
         written=zeros.clone(), budget=column(budgets, torch.long), stop_ids=stop_ids.to(device),

@@ -1,15 +1,17 @@
 """The batched decoding engine: AR, ISD and R-ISD over one ragged KV cache.
 
 The loop here only calls the model and moves state; the decisions live in pure
-functions (``bookkeeping``, ``acceptance``, ``sampling``, ``stats``). One step is one
-decoder forward over every running row's window, then one verification, then one
-commit; the host reads two numbers per step (the longest row and how many finished).
+functions (``bookkeeping``, ``acceptance``, ``sampling``, ``stats``) and in the registry
+``algorithms`` (what runs a request: ``ar``, ``isd``, ``risd``, ``argmax``). One step is
+one decoder forward over every running row's window, then one verification
+(``acceptance.verify_step``, the SGLang plugin's too), then one commit; the host reads
+two numbers per step (the longest row and how many finished).
 
 R-ISD is ISD on a model that carries a gated LoRA (``idlm.model.gated_lora``). The engine
-sets the gate itself, from the window layout: on at the MASK slots it placed, off
-everywhere else. That is the token rule ``input_ids == MASK`` whenever the context holds
-no MASK id, and stays lossless when it does (a random base can emit the MASK id as an
-ordinary token; AR would treat it as one, so R-ISD must too).
+sets the gate itself, from the window layout (``algorithms.gate``): on at the MASK slots
+it placed, off everywhere else. That is the token rule ``input_ids == MASK`` whenever the
+context holds no MASK id, and stays lossless when it does (a random base can emit the
+MASK id as an ordinary token; AR would treat it as one, so R-ISD must too).
 
 The decoder forward is ``lean_forward``'s: a functional Qwen3 over the model's weights
 that reads the gated LoRA as fused low-rank updates at the MASK rows (transformers'
@@ -28,8 +30,9 @@ from typing import Any
 
 import torch
 
+from idlm.decoding import algorithms
 from idlm.decoding import bookkeeping as book
-from idlm.decoding.acceptance import StepOutcome, verify_greedy, verify_sampled
+from idlm.decoding.acceptance import StepOutcome, verify_step
 from idlm.decoding.batch import CallShape, DecodeBatch, new_batch
 from idlm.decoding.kv_cache import RaggedKVCache
 from idlm.decoding.lean_forward import decoder_forward, gate_positions
@@ -39,14 +42,7 @@ from idlm.decoding.requests import (
     GenerationResult,
     request_error,
 )
-from idlm.decoding.sampling import (
-    ACCEPT_SLOT,
-    DRAFT_SLOT,
-    TOKEN_SLOT,
-    counter_uniforms,
-    sample_from,
-    warp_probs,
-)
+from idlm.decoding.sampling import counter_uniforms, decision_slots, sample_from, warp_probs
 from idlm.decoding.scheduler import EngineSession, serving_shape
 from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
 
@@ -96,7 +92,8 @@ class DecodingEngine:
 
     @property
     def name(self) -> str:
-        return "risd" if self.gated else "isd"
+        """The drafting system this engine runs: ``isd``, or ``risd`` on a gated model."""
+        return algorithms.for_request("isd", algorithms.DEFAULT_PROPOSAL, self.gated).name
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
@@ -156,7 +153,8 @@ class DecodingEngine:
                     + min(max(budgets), INITIAL_GENERATION_CAPACITY))
         cache = RaggedKVCache.for_model(self.config, len(chosen), capacity, self.cache_dtype,
                                         self.device)
-        batch = new_batch(chosen, handles, budgets, self.stop_token_ids, shape, cache)
+        batch = new_batch(chosen, handles, budgets, self.stop_token_ids, shape, cache,
+                          gated=self.gated)
         window = book.prefill_window(prompts, [r.num_drafts for r in chosen],
                                      shape.width_drafts, self.mask_token_id, self.pad_token_id,
                                      self.device)
@@ -178,7 +176,7 @@ class DecodingEngine:
     def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape,
                  stop_string_ends: set[int], prefill: bool = False) -> None:
         logits = self._forward(batch, window, shape.width_drafts, prefill)
-        outcome = self._verify(batch, logits, window.num_checked, shape.width_drafts)
+        outcome = self._verify(batch, logits, window.num_checked)
         written_before = batch.written.clone() if self._has_stop_strings(batch) else None
         self._commit(batch, window, outcome)
         if written_before is not None:
@@ -197,7 +195,8 @@ class DecodingEngine:
         else:
             probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p,
                                *batch.filters)
-            uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(0, logits.device))
+            uniforms = counter_uniforms(batch.seeds, batch.step_index,
+                                        decision_slots(0, logits.device))
             token = sample_from(probs[:, 0], uniforms[:, 0])
         active = ~batch.finished
         written_before = batch.written.clone() if self._has_stop_strings(batch) else None
@@ -220,7 +219,7 @@ class DecodingEngine:
         if shared is None:
             hidden = self.decode_forward(window.input_ids, window.position_ids, batch.cache,
                                          batch.lengths, batch.max_length + width,
-                                         window.drafting)
+                                         algorithms.gate(window))
         else:
             hidden = self._shared_prefill(batch, window, *shared)
         rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
@@ -239,25 +238,16 @@ class DecodingEngine:
         hidden = self.decode_forward(window.input_ids.index_select(0, first),
                                      window.position_ids.index_select(0, first), cache,
                                      lengths, int(lengths.max()) + width,
-                                     window.drafting.index_select(0, first))
+                                     algorithms.gate(window).index_select(0, first))
         cache.select_rows(inverse)
         batch.cache.keys, batch.cache.values = cache.keys, cache.values
         return hidden.index_select(0, inverse)
 
-    def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor,
-                width_drafts: int) -> StepOutcome:
-        anchor_logits, mask_logits = logits[:, :width_drafts + 1], logits[:, width_drafts + 1:]
-        if batch.all_greedy:
-            return verify_greedy(anchor_logits, mask_logits, batch.drafts, num_checked)
-        probs = warp_probs(logits, batch.temperature, batch.top_k, batch.top_p, *batch.filters)
-        uniforms = counter_uniforms(batch.seeds, batch.step_index, _slots(width_drafts,
-                                                                            logits.device))
-        return verify_sampled(
-            probs[:, :width_drafts + 1], probs[:, width_drafts + 1:], batch.drafts,
-            batch.draft_probs_or_one_hot(), num_checked,
-            accept_uniforms=uniforms[:, 1:width_drafts + 1], token_uniforms=uniforms[:, 0],
-            draft_uniforms=uniforms[:, width_drafts + 1:],
-            argmax_proposal=batch.argmax_proposal)
+    def _verify(self, batch: DecodeBatch, logits: torch.Tensor, num_checked: torch.Tensor
+                ) -> StepOutcome:
+        """The shared step (``acceptance.verify_step``) on the batch's rows."""
+        return verify_step(logits, batch.drafts, num_checked, batch.draft_probs_or_one_hot,
+                           batch.step_sampling())
 
     def _commit(self, batch: DecodeBatch, window: book.Window, outcome: StepOutcome) -> None:
         """Emit, stop, advance lengths and hand the MASK proposals to the next step."""
@@ -325,9 +315,10 @@ class DecodingEngine:
         return GenerationResult(batch.request_ids[row], token_ids, reason, stats, text=text)
 
     def _empty_stats(self, request: GenerationRequest) -> RequestStats:
-        mode = self.name if request.mode == "isd" else "ar"
-        stride = request.stride if request.mode == "isd" else 1
-        return RequestStats(mode=mode, stride=stride)
+        """Labelled by system (``isd`` / ``risd`` for every drafting request, else ``ar``)."""
+        drafting = request.mode in algorithms.modes() and algorithms.for_mode(request.mode).drafts
+        return RequestStats(mode=self.name if drafting else "ar",
+                            stride=request.stride if drafting else 1)
 
 
 @torch.inference_mode()
@@ -339,13 +330,6 @@ def clean_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
         else nullcontext()
     with gate:
         return head(decoder(input_ids=input_ids).last_hidden_state)
-
-
-def _slots(width_drafts: int, device: torch.device) -> torch.Tensor:
-    """Decision slots of one step: the token, then D accept tests, then D draft draws."""
-    drafts = torch.arange(width_drafts)
-    return torch.cat([torch.tensor([TOKEN_SLOT]), ACCEPT_SLOT + drafts,
-                      DRAFT_SLOT + drafts]).to(device)
 
 
 def _pad_id(pad_token_id: int | None, config: Any, mask_token_id: int) -> int:

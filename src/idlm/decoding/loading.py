@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from idlm.decoding import algorithms
 from idlm.decoding.engine import DecodingEngine
 from idlm.decoding.requests import DecodingError
 
-MODES = ("ar", "isd", "risd")
+MODES = algorithms.systems()   # ar, isd, risd: the algorithms tied to a kind of model
 
 
 def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mode: str = "isd",
@@ -23,20 +24,26 @@ def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mo
     if not (model_dir / "config.json").is_file():
         raise DecodingError(f"{model_dir} is not a model folder (no config.json): train it "
                             "first or point at a folder saved by save_pretrained")
-    if mode == "risd" and adapter_dir is None:
-        raise DecodingError("mode risd needs an adapter: pass the gated LoRA folder")
-    if mode != "risd" and adapter_dir is not None:
-        raise DecodingError(f"an adapter is only used in mode risd (got mode {mode})")
-    if mode == "risd":
+    gated = bool(algorithms.get(mode).gated)
+    if gated and adapter_dir is None:
+        raise DecodingError(f"mode {mode} needs an adapter: pass the gated LoRA folder")
+    if not gated and adapter_dir is not None:
+        raise DecodingError(f"an adapter is only used in mode {_gated_systems()} "
+                            f"(got mode {mode})")
+    if gated:
         _check_base(Path(adapter_dir), model_dir, allow_other_base)
     tokenizer = _tokenizer(model_dir)
     model = _model(model_dir, device, dtype)
-    if mode == "risd":
+    if gated:
         model = _with_adapter(model, Path(adapter_dir))
     mask = _mask_id(mask_token_id, tokenizer, model, model_dir)
     return DecodingEngine(model, mask, pad_token_id=_pad_id(tokenizer, model),
                           stop_token_ids=_stop_ids(tokenizer, model), tokenizer=tokenizer,
                           max_batch_size=max_batch_size)
+
+
+def _gated_systems() -> str:
+    return " or ".join(name for name in MODES if algorithms.get(name).gated)
 
 
 def _tokenizer(model_dir: Path) -> Any:

@@ -6,15 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from idlm.decoding import algorithms
+from idlm.decoding.algorithms import MAX_STRIDE as MAX_STRIDE
+from idlm.decoding.errors import DecodingError as DecodingError
 from idlm.decoding.stats import RequestStats
 
+# For type checkers; the registry (``idlm.decoding.algorithms``) is what validates them.
 Mode = Literal["ar", "isd"]
 Proposal = Literal["sample", "argmax"]
-MAX_STRIDE = 16
-
-
-class DecodingError(ValueError):
-    """A problem with a model, an adapter or a call, phrased as one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,8 @@ class GenerationRequest:
 
     @property
     def num_drafts(self) -> int:
-        """MASK slots per window: N-1 for ISD, none for AR."""
-        return self.stride - 1 if self.mode == "isd" else 0
+        """MASK slots per window: N-1 for ISD (R-ISD, argmax), none for AR."""
+        return algorithms.for_mode(self.mode).num_drafts(self.stride)
 
 
 @dataclass
@@ -82,12 +81,12 @@ def request_error(request: GenerationRequest, context_length: int, vocab_size: i
     """Why ``request`` cannot run (one line), or None. Checked before anything is batched."""
     prompt = list(request.prompt_ids)
     sampling = request.sampling
-    if request.mode not in ("ar", "isd"):
-        return f"unknown mode {request.mode!r}: use 'ar' or 'isd' (R-ISD is isd on a gated model)"
+    if (problem := algorithms.mode_error(request.mode)) is not None:
+        return problem
     if not prompt:
         return "empty prompt: give at least one token"
-    if request.mode == "isd" and not 2 <= request.stride <= MAX_STRIDE:
-        return f"stride N={request.stride} is invalid for ISD: use 2 <= N <= {MAX_STRIDE}"
+    if (problem := algorithms.for_mode(request.mode).stride_error(request.stride)) is not None:
+        return problem
     if mask_token_id in prompt:  # the engine would read it as a drafting slot
         return (f"the prompt contains the MASK token (id {mask_token_id}) at position "
                 f"{prompt.index(mask_token_id)}: MASK is reserved for drafting")
@@ -109,8 +108,8 @@ def sampling_error(sampling: SamplingParams, can_decode_text: bool) -> str | Non
         return f"top_k {sampling.top_k} < 0 (0 disables it)"
     if sampling.max_new_tokens < 1:
         return f"max_new_tokens {sampling.max_new_tokens} < 1"
-    if sampling.proposal not in ("sample", "argmax"):
-        return f"unknown proposal {sampling.proposal!r}: use 'sample' or 'argmax'"
+    if (problem := algorithms.proposal_error(sampling.proposal)) is not None:
+        return problem
     if sampling.stop_strings and not can_decode_text:
         return "stop strings need a tokenizer: build the engine with tokenizer=..."
     if not 0 <= sampling.seed < 1 << 63:

@@ -29,7 +29,8 @@ def window_spec(algorithm_config: dict[str, Any], block_size: int) -> Any:
                          f"({ALGORITHM_CONFIG_FORMAT}) as --dllm-algorithm-config")
     spec = WindowSpec(int(algorithm_config["stride"]), int(algorithm_config["mask_token_id"]),
                       int(algorithm_config.get("pad_token_id", 0)),
-                      str(algorithm_config.get("proposal", "sample")))
+                      str(algorithm_config.get("proposal", "sample")),
+                      gated=bool(algorithm_config.get("gate", False)))
     if block_size != spec.width:
         raise ValueError(f"dLLM block size {block_size} is not the ISD window {spec.width} "
                          f"(2N-1 for N={spec.stride}): keep block_size in the algorithm config")

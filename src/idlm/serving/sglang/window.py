@@ -7,10 +7,11 @@ window of W = 2N-1 slots starting at the pending token's position:
 * cold start: ``[pending, MASK x D, pad x D]``
 
 The decisions come from the engine's own pure pieces, unchanged: ``bookkeeping``
-(layout, logit rows, emitted tokens, kept slots), ``acceptance`` (greedy or sampled
-verification) and ``sampling`` (warping, counter-based uniforms keyed by the request's
-seed, its own step counter and the decision slot). So a request served by SGLang makes
-the same accept / commit / trim decisions as in our engine, given the same logits.
+(layout, logit rows, emitted tokens, kept slots), ``acceptance.verify_step`` (the
+engine's own verification, with counter-based uniforms keyed by the request's seed, its
+step counter and the decision slot) and ``algorithms`` (what the spec runs, the gate).
+So a request served by SGLang makes the same accept / commit / trim decisions as in our
+engine, given the same logits.
 
 Between rounds a request carries a :class:`RowState` (drafts to verify, their q, its
 step counter, and how many window slots to keep): the glue stores it on SGLang's
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from idlm.decoding import algorithms
 from idlm.decoding import bookkeeping as book
-from idlm.decoding.acceptance import StepOutcome, verify_greedy, verify_sampled
-from idlm.decoding.sampling import counter_uniforms, decision_slots, warp_probs
+from idlm.decoding.acceptance import StepOutcome, StepSampling, verify_step
 
 TOP_K_OFF = 1 << 30   # SGLang's "whole vocabulary" top-k
 
@@ -40,15 +41,20 @@ class WindowSpec:
     stride: int
     mask_token_id: int
     pad_token_id: int = 0
-    proposal: str = "sample"   # "argmax": propose argmax q (verified as one-hot: exact)
+    proposal: str = algorithms.DEFAULT_PROPOSAL   # or "argmax" (verified as one-hot: exact)
+    gated: bool = False        # the bundle carries the gated adapter (R-ISD)
 
     def __post_init__(self) -> None:
         if self.stride < 2:
             raise ValueError(f"ISD stride {self.stride}: use N >= 2")
         if self.pad_token_id == self.mask_token_id:
             raise ValueError("the pad id equals the MASK id: padding would open the gate")
-        if self.proposal not in ("sample", "argmax"):
-            raise ValueError(f"proposal {self.proposal!r}: use 'sample' or 'argmax'")
+        algorithms.for_request("isd", self.proposal, self.gated)   # fails at startup
+
+    @property
+    def algorithm(self) -> algorithms.Algorithm:
+        """What the windows run: isd, risd (gated) or argmax (either), as in the engine."""
+        return algorithms.for_request("isd", self.proposal, self.gated)
 
     @property
     def num_drafts(self) -> int:
@@ -106,6 +112,13 @@ class RowSampling:
         return (bool((sampled & (self.top_k > 0)).any()),
                 bool((sampled & (self.top_p < 1)).any()), bool((~sampled).any()))
 
+    def for_step(self, steps: torch.Tensor, argmax_proposal: bool) -> StepSampling:
+        """This round's verifier input: the rows' step counters, the spec's argmax flag."""
+        greedy = self.all_greedy   # a greedy step reads no filters: skip their host reads
+        flags = torch.full(steps.shape, argmax_proposal, dtype=torch.bool, device=steps.device)
+        return StepSampling(self.temperature, self.top_k, self.top_p, self.seeds, steps, flags,
+                            greedy, (False, False, False) if greedy else self.filters())
+
 
 @dataclass
 class StepResult:
@@ -135,7 +148,7 @@ def layout(spec: WindowSpec, pending: torch.Tensor, offsets: torch.Tensor,
 def gate(window: book.Window) -> torch.Tensor:
     """R-ISD's per-token gate, flattened like SGLang's token rows: on at the MASK slots the
     window placed, off everywhere else (pending, drafts, padding, any context)."""
-    return window.drafting.reshape(-1)
+    return algorithms.gate(window).reshape(-1)
 
 
 def step(spec: WindowSpec, window: book.Window, logits: torch.Tensor,
@@ -169,21 +182,10 @@ def step(spec: WindowSpec, window: book.Window, logits: torch.Tensor,
 def _verify(spec: WindowSpec, picked: torch.Tensor, drafts: torch.Tensor,
             num_checked: torch.Tensor, states: Sequence[RowState | None],
             sampling: RowSampling, steps: torch.Tensor) -> StepOutcome:
-    drafts_width = spec.num_drafts
-    anchor_logits, mask_logits = picked[:, :drafts_width + 1], picked[:, drafts_width + 1:]
-    if sampling.all_greedy:
-        return verify_greedy(anchor_logits, mask_logits, drafts, num_checked)
-    probs = warp_probs(picked, sampling.temperature, sampling.top_k, sampling.top_p,
-                       *sampling.filters())
-    uniforms = counter_uniforms(sampling.seeds, steps,
-                                decision_slots(drafts_width, picked.device))
-    argmax_proposal = torch.full((picked.shape[0],), spec.proposal == "argmax",
-                                 dtype=torch.bool, device=picked.device)
-    return verify_sampled(
-        probs[:, :drafts_width + 1], probs[:, drafts_width + 1:], drafts,
-        _draft_probs(states, drafts, picked.shape[-1]), num_checked,
-        accept_uniforms=uniforms[:, 1:drafts_width + 1], token_uniforms=uniforms[:, 0],
-        draft_uniforms=uniforms[:, drafts_width + 1:], argmax_proposal=argmax_proposal)
+    """The engine's verification step (``acceptance.verify_step``) on the windows' rows."""
+    return verify_step(picked, drafts, num_checked,
+                       lambda: _draft_probs(states, drafts, picked.shape[-1]),
+                       sampling.for_step(steps, spec.algorithm.argmax_proposal))
 
 
 def _draft_probs(states: Sequence[RowState | None], drafts: torch.Tensor,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from idlm import config as config_mod
 
@@ -27,6 +29,22 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    from idlm.cluster import preflight
+
+    named = config_mod.config_dir() / f"{args.config}.yaml"
+    if args.config and not Path(args.config).exists() and named.is_file():
+        cfg = config_mod.load_profile(args.config, args.overrides)
+    else:
+        cfg = config_mod.load(args.config, args.overrides)
+    report = preflight.preflight(cfg)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    for estimate in report.estimates:
+        if not estimate.fits(report.budget_gib):
+            raise preflight.PreflightError(preflight.refusal(cfg, report.architecture, estimate))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idlm", description="Train, verify and serve Introspective Diffusion LMs.")
@@ -43,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--file", default=None, help="default: params.yaml")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
         sub.set_defaults(handler=handler)
+    check = commands.add_parser(
+        "preflight", help="per-GPU memory of the training stages against cluster.gpu_memory_gib",
+        description="Estimate each training stage's memory per GPU from the config alone (a "
+        "meta-device model, no weights); exit 2 with what to change if a stage does not fit.")
+    check.add_argument("--config", default=None,
+                       help="a config file or a profile name (default: params.yaml)")
+    check.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    check.set_defaults(handler=_preflight)
     from idlm import (  # light: heavy imports happen in their handlers
         generate_cli,
         score_cli,

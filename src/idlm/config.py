@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 # The sections of the stages after training (verify, evaluate, export, gate) and the base.
+from idlm.config_cluster import ClusterConfig
 from idlm.config_downstream import (
     EvaluateSection,
     ExportSection,
@@ -70,6 +71,13 @@ class HubData(Section):
     messages_field: Annotated[str, Field(min_length=1)] = "messages"
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.01
     max_rows: Annotated[int, Field(gt=0)] | None = None
+    # An object-store prefix or folder of chat files (s3://bucket/sft/), imported with
+    # `dvc import-url` into data/source before each flow run (idlm.data.refresh); read
+    # instead of name_or_path.
+    import_url: str | None = None
+    # The immutable data version, written by the flow's refresh (the import's DVC hash or
+    # the hub commit of `revision`): tracked by DVC, so new data reruns prepare and after.
+    version: str | None = None
 
 
 class TokenizerSpec(Section):
@@ -148,6 +156,13 @@ class TrainSettings(Section):
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     micro_batch_size: Annotated[int, Field(gt=0)] = 32
     grad_accum: Annotated[int, Field(gt=0)] = 1
+    # Rows per optimizer step over all ranks. Set it (and leave grad_accum at 1) on a
+    # cluster: grad_accum is then derived from the world size, so the same run on 1 node
+    # or 2 takes the same steps, and DVC (which tracks this, not the topology) reruns
+    # nothing when it moves.
+    global_batch_size: Annotated[int, Field(gt=0)] | None = None
+    # Recompute each decoder layer's activations in the backward pass (less memory).
+    activation_checkpointing: bool = False
     # Pack each micro-batch's sequences into rows of this many tokens (attention never
     # crosses sequences); null: one padded row per sequence.
     pack_width: Annotated[int, Field(gt=0)] | None = None
@@ -156,6 +171,13 @@ class TrainSettings(Section):
     checkpoint_every: Annotated[int, Field(gt=0)] = 100
     log_every: Annotated[int, Field(gt=0)] = 10
     seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> TrainSettings:
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ValueError("set grad_accum or global_batch_size, not both "
+                             "(global_batch_size derives grad_accum from the world size)")
+        return self
 
 
 class _RunLength(Section):
@@ -249,9 +271,7 @@ class Config(Section):
     profile: Annotated[str, Field(min_length=1)] = "tiny"
     seed: Annotated[int, Field(ge=0)] = 0
     outputs: Annotated[str, Field(min_length=1)] = DEFAULT_OUTPUTS
-    # How dvc.yaml starts the training stages: `python` (one process) or a DeepSpeed
-    # launcher, e.g. `deepspeed --num_gpus 8` or `deepspeed --hostfile infra/hostfile`.
-    launcher: Annotated[str, Field(min_length=1)] = "python"
+    cluster: ClusterConfig = ClusterConfig()
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     base: BaseConfig = BaseConfig()

@@ -57,9 +57,9 @@ def _pretrain_tiny(cfg: Config, stop_after: int | None = None) -> dict[str, Any]
     from idlm.training.batches import total_steps
     from idlm.training.trainer import TrainJob, train, trained_state_dict
 
-    opt = cfg.base.train
     device = distributed.device_for_rank()
     rank, world = distributed.init(device)
+    opt = common.batch_for_world(cfg.base.train, world)
     inputs = common.load_inputs(cfg, device)
     tok = inputs.tokenizer
     model = build_tiny(cfg.model.tiny, len(tok), inputs.pad_token_id, tok.eos_token_id,
@@ -67,8 +67,9 @@ def _pretrain_tiny(cfg: Config, stop_after: int | None = None) -> dict[str, Any]
                        seed=cfg.seed, attention=inputs.attention).to(device)
     steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,
                         opt.steps, opt.epochs)
-    fingerprint = common.fingerprint_of("base", cfg.model.model_dump(), opt.model_dump(),
-                                        cfg.seed, inputs.data_fingerprint)
+    fingerprint = common.fingerprint_of("base", cfg.model.model_dump(),
+                                        cfg.base.train.model_dump(), cfg.seed,
+                                        inputs.data_fingerprint)
     job = TrainJob("base", model, _ar_step(inputs, opt.seed, opt.micro_batch_size,
                                             opt.grad_accum, world, opt.pack_width),
                    opt, steps, cfg.out("base", "checkpoints"), fingerprint, device, stop_after)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from idlm.config import Config
+from idlm.config import Config, TrainSettings
 from idlm.stage import StageError, atomic_dir
 from idlm.training.batches import Rows, ar_batch, ic_batch
 
@@ -125,3 +125,17 @@ def heldout_accuracy(cfg: Config, model: torch.nn.Module, inputs: StageInputs,
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def batch_for_world(opt: TrainSettings, world: int) -> TrainSettings:
+    """``opt`` with ``grad_accum`` derived from ``global_batch_size`` for this world size
+    (unchanged when no global batch is set): the same rows per step on any topology."""
+    if opt.global_batch_size is None:
+        return opt
+    per_micro_step = opt.micro_batch_size * world
+    if opt.global_batch_size % per_micro_step:
+        raise StageError(f"global_batch_size {opt.global_batch_size} is not a multiple of "
+                         f"micro_batch_size {opt.micro_batch_size} x {world} ranks: change one "
+                         "of them (or cluster.nodes / gpus_per_node)")
+    return opt.model_copy(update={"grad_accum": opt.global_batch_size // per_micro_step})
+

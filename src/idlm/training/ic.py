@@ -89,7 +89,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     rank, world = distributed.init(device)
     inputs = common.load_inputs(cfg, device)
     pin = common.read_base_pin(cfg)
-    opt = cfg.ic.train
+    opt = common.batch_for_world(cfg.ic.train, world)
     curriculum = Curriculum.of(cfg.ic.phases, len(inputs.train),
                                opt.micro_batch_size * opt.grad_accum * world)
     zero3 = zero3_loading(opt, curriculum.total_steps, device)  # noqa: F841 - outlives training

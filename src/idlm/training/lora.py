@@ -27,6 +27,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     section, opt = cfg.lora, cfg.lora.train
     device = distributed.device_for_rank()
     rank, world = distributed.init(device)
+    opt = common.batch_for_world(opt, world)
     inputs = common.load_inputs(cfg, device)
     pin = common.read_base_pin(cfg)
     steps = total_steps(len(inputs.train), opt.micro_batch_size, opt.grad_accum, world,

@@ -100,6 +100,24 @@ def zero3_loading(opt: TrainSettings, total_steps: int, device: str) -> Any:
     return HfDeepSpeedConfig(ds)
 
 
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Keep only each decoder layer's input and recompute the layer in the backward pass
+    (``train.activation_checkpointing``; ``idlm preflight`` sizes both ways).
+
+    Non-reentrant checkpointing: gradients reach a frozen base's LoRA layers without inputs
+    that require grad, and ZeRO-3's per-module hooks gather again in the recompute. HF
+    checkpoints a layer only in training mode, and a loaded checkpoint starts in eval mode.
+    """
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed it; PeftModel forwards either name to the wrapped model.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+
 def _prepare_checkpoint_dir(job: TrainJob, rank: int) -> None:
     """Keep checkpoints only if they were written for this exact job."""
     stamp = job.checkpoint_dir / "fingerprint.txt"
@@ -193,6 +211,8 @@ def train(job: TrainJob) -> TrainResult:
     rank, _world = distributed.init(job.device)
     _prepare_checkpoint_dir(job, rank)
     torch.manual_seed(job.opt.seed)
+    if job.opt.activation_checkpointing:
+        checkpoint_activations(job.model)
     autocast = cpu_autocast(job.opt.bf16, job.device, job.checkpoint_dir,
                             probe_pass(job.model, job.compute, rank), rank)
     module = _StepModule(job.model, job.compute, autocast)

@@ -1,0 +1,1 @@
+"""Running the training stages on a cluster: launch by topology, memory preflight."""

@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
 from idlm import config as config_mod
+from idlm.cluster import preflight
 from idlm.orchestration.dvc_runner import StageOutcome, repro_stage
 from idlm.orchestration.lock import WorkspaceBusy, holder_info, workspace_lock
 from idlm.orchestration.params import flow_settings, prepare_params, use_workspace
@@ -97,13 +98,21 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
         pipeline: Pipeline = load_pipeline(root)
         selected = pipeline.select(only, from_stage)
         cfg = prepare_params(root, profile, list(overrides or []))
+        # A training plan that cannot fit GPU memory fails here, in one line, not hours in.
+        preflight.check(cfg, selected)
         settings = flow_settings(cfg, retries, pipeline.names)
         _secrets_from_blocks(settings.secrets)
+        data = _refresh_data(root, cfg)   # new data -> a new tracked version
+        if data is not None:
+            cfg = prepare_params(root, None, [data.override()])
         context = FlowContext(run_id, run_name, cfg.profile, selected, _parameters(
             profile=profile, only=only, from_stage=from_stage, overrides=overrides,
             retries=retries))
         run = PipelineRun(open_tracker(root), pipeline, cfg.model_dump(mode="json"),
                           settings, context)
+        if data is not None:
+            run.tracker.set_tags(run.parent_id, {"idlm.data_source": data.source,
+                                                 "idlm.data_version": data.version})
         try:
             _run_stages(run, selected, root)
         except BaseException as exc:
@@ -138,6 +147,16 @@ def _secrets_from_blocks(blocks: dict[str, str]) -> None:
             raise config_mod.ConfigError(
                 f"flow.secrets.{name}: no Prefect Secret block {block!r} ({exc}); create it "
                 f"with `prefect block create secret` or set {name} in the environment") from None
+
+
+def _refresh_data(root: Path, cfg: config_mod.Config) -> Any:
+    """The data source resolved to an immutable version (idlm.data.refresh), or None."""
+    from idlm.data.refresh import refresh
+
+    data = refresh(root, cfg)
+    if data is not None:
+        get_run_logger().info("data %s is version %s (%s)", data.source, data.version, data.kind)
+    return data
 
 
 def _publish(run: PipelineRun, root: Path, run_name: str, parent_id: str) -> dict[str, str]:

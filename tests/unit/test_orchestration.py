@@ -330,7 +330,7 @@ def test_summary_table_shows_key_metrics_and_where_to_look() -> None:
 def test_prefect_yaml_deploys_this_flow_locally_and_on_the_gpu_pool() -> None:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"local", "cluster"}
+    assert set(deployments) == {"local", "cluster", "cluster-k8s"}
     accepted = set(inspect.signature(idlm_full.fn).parameters)
     for deployment in deployments.values():
         path, function = deployment["entrypoint"].split(":")
@@ -341,6 +341,13 @@ def test_prefect_yaml_deploys_this_flow_locally_and_on_the_gpu_pool() -> None:
     assert deployments["cluster"]["work_pool"]["name"] == "idlm-gpu"
     (schedule,) = deployments["cluster"]["schedules"]
     assert schedule["cron"] and schedule["active"] is False
+    # Scheduled retraining: a fresh clone per run, then the last published run restored.
+    clone, restore = deployments["cluster"]["pull"]
+    assert clone["prefect.deployments.steps.git_clone"]["id"] == "clone"
+    step = restore["prefect.deployments.steps.run_shell_script"]
+    assert step["directory"] == "{{ clone.directory }}"
+    assert step["script"] == "python -m idlm.orchestration.storage restore"
+    assert deployments["cluster"]["parameters"]["profile"] == "qwen3-8b"
 
 
 def test_the_flow_module_documents_its_command() -> None:

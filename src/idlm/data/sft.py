@@ -188,10 +188,17 @@ def load_sft_source(spec: HubData) -> Dataset:
     """Rows from a hub id at a pinned revision, or from a local folder/file; ``max_rows`` cap."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    if not spec.name_or_path:
-        raise StageError("prepare.dataset.name_or_path is required when prepare.source is 'hub'")
-    if looks_local(spec.name_or_path):
-        path = resolve_path(spec.name_or_path)
+    from idlm.data.refresh import IMPORT_PATH
+
+    if not spec.name_or_path and not spec.import_url:
+        raise StageError("prepare.dataset.name_or_path (or import_url) is required when "
+                         "prepare.source is 'hub'")
+    local = IMPORT_PATH if spec.import_url else spec.name_or_path
+    if spec.import_url and not resolve_path(local).is_dir():
+        raise StageError(f"prepare.dataset.import_url is set but {local} is missing: the flow "
+                         "imports it first (or run `idlm data refresh`)")
+    if spec.import_url or looks_local(local):
+        path = resolve_path(local)
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             loaded = load_from_disk(str(path))
             dataset = loaded[spec.split] if isinstance(loaded, DatasetDict) else loaded
@@ -200,7 +207,9 @@ def load_sft_source(spec: HubData) -> Dataset:
             dataset = load_dataset(builder, data_files=files, split="train")
     else:
         split = f"{spec.split}[:{spec.max_rows}]" if spec.max_rows else spec.split
-        dataset = load_dataset(spec.name_or_path, revision=spec.revision, split=split)
+        # The refreshed commit when there is one: exactly the data DVC was told about.
+        dataset = load_dataset(spec.name_or_path, revision=spec.version or spec.revision,
+                               split=split)
     if spec.max_rows is not None and len(dataset) > spec.max_rows:
         dataset = dataset.select(range(spec.max_rows))
     return dataset

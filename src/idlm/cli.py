@@ -45,6 +45,23 @@ def _preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_refresh(args: argparse.Namespace) -> int:
+    """The flow's first step, by hand: resolve the data source and pin its version."""
+    from idlm.data.refresh import refresh
+    from idlm.orchestration.params import prepare_params
+
+    root = config_mod.workspace()
+    data = refresh(root, config_mod.load(args.config))
+    if data is None:
+        print("nothing to resolve: the data is versioned by the config (synthetic data or "
+              "a local path)")
+        return 0
+    prepare_params(root, None, [data.override()])
+    print(f"data {data.source} is version {data.version} ({data.kind}); wrote "
+          f"prepare.dataset.version to params.yaml")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idlm", description="Train, verify and serve Introspective Diffusion LMs.")
@@ -70,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON instead of the table")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     check.set_defaults(handler=_preflight)
+    data = commands.add_parser("data", help="the training data's source and version")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    refresh = data_actions.add_parser(
+        "refresh", help="import / update prepare.dataset.import_url (dvc import-url, dvc "
+        "update) or resolve a hub revision to its commit, and pin the version in params.yaml",
+        description="What the flow does before any stage: new data gives a new "
+        "prepare.dataset.version, so `dvc repro` reruns prepare and everything after it.")
+    refresh.add_argument("--config", default=None, help="default: params.yaml")
+    refresh.set_defaults(handler=_data_refresh)
     from idlm import (  # light: heavy imports happen in their handlers
         generate_cli,
         score_cli,

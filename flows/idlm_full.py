@@ -97,9 +97,16 @@ def idlm_full(profile: str | None = None, only: list[str] | None = None,
     with use_workspace(root), workspace_lock(root, holder_info(run_id, run_name)):
         pipeline: Pipeline = load_pipeline(root)
         selected = pipeline.select(only, from_stage)
+        params = root / "params.yaml"
+        before = params.read_bytes() if params.is_file() else None
         cfg = prepare_params(root, profile, list(overrides or []))
-        # A training plan that cannot fit GPU memory fails here, in one line, not hours in.
-        preflight.check(cfg, selected)
+        # A training plan that cannot fit GPU memory fails here, in one line, not hours in,
+        # and leaves params.yaml as it found it.
+        try:
+            preflight.check(cfg, selected)
+        except preflight.PreflightError:
+            _restore(params, before)
+            raise
         settings = flow_settings(cfg, retries, pipeline.names)
         _secrets_from_blocks(settings.secrets)
         data = _refresh_data(root, cfg)   # new data -> a new tracked version
@@ -147,6 +154,13 @@ def _secrets_from_blocks(blocks: dict[str, str]) -> None:
             raise config_mod.ConfigError(
                 f"flow.secrets.{name}: no Prefect Secret block {block!r} ({exc}); create it "
                 f"with `prefect block create secret` or set {name} in the environment") from None
+
+
+def _restore(path: Path, content: bytes | None) -> None:
+    if content is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(content)
 
 
 def _refresh_data(root: Path, cfg: config_mod.Config) -> Any:

@@ -183,9 +183,11 @@ def test_the_flow_refuses_before_any_stage(tmp_path: Path) -> None:
     profile = (root / "configs/qwen3-8b.yaml").read_text()
     (root / "configs/unfit.yaml").write_text(
         profile.replace("activation_checkpointing: true", "activation_checkpointing: false"))
+    params = (root / "params.yaml").read_bytes()
     with pytest.raises(PreflightError, match="activation_checkpointing=true"):
         idlm_full.fn(profile="unfit", workspace=str(root))
     assert not (root / "outputs").exists() and not (root / "mlflow.db").exists()
+    assert (root / "params.yaml").read_bytes() == params   # the refusal changed nothing
 
 
 # ---------------------------------------------------------------- activation checkpointing

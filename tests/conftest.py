@@ -7,6 +7,40 @@ import torch
 
 MASK_ID = 127
 PAD_ID = 0
+# `make test` runs the suite on two pytest-xdist workers. A scope is what one worker runs
+# whole: each test file (its module fixtures are built once), except that every file using
+# the suite's one trained workspace is one scope, so the workspace is trained once.
+# (xdist's own --dist loadgroup cannot do this under pytest 9: it renames items through an
+# attribute pytest no longer reads.)
+TRAINED_SCOPE = "trained-workspace"
+TRAINED_FILES = ("tests/stages/", "tests/e2e/test_dvc_pipeline.py", "tests/e2e/test_flow.py",
+                 "tests/e2e/test_kill_stages.py", "tests/e2e/test_slurm.py",
+                 "tests/e2e/test_storage.py")
+
+
+def scope_of(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return TRAINED_SCOPE if path.startswith(TRAINED_FILES) else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ByScope(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    strays = [item.nodeid for item in items
+              if "trained_workspace" in getattr(item, "fixturenames", ())
+              and scope_of(item.nodeid) != TRAINED_SCOPE]
+    if strays:
+        raise pytest.UsageError(f"{strays[0]} uses trained_workspace: add its file to "
+                                "TRAINED_FILES in tests/conftest.py (or it trains again)")
 
 
 def tiny_qwen3(seed: int = 0, vocab: int = 128, attention: str = "sdpa"):

@@ -1,12 +1,15 @@
 """Retraining that reruns on new data and only then, each run in a fresh clone.
 
 A git origin (the project), a DVC remote (a folder) and a data source (a folder of chat
-files, imported with ``dvc import-url``). The `cluster` deployment's own pull steps from
+files, imported with ``dvc import-url``), on a real Prefect server (``prefect server
+start``, whose scheduler service creates the runs of a deployment's schedules; the test
+harness server runs no scheduler). The `cluster` deployment's own pull steps from
 prefect.yaml (``git_clone``, then ``python -m idlm.orchestration.storage restore``) run in
 a process worker, three times:
 
-1. data v1, a first run: prepare runs; the outputs go to the remote and the lock to
-   ``idlm-runs/latest`` in the origin; the MLflow parent run records the data version.
+1. data v1, a run the deployment's schedule fires (not one asked for): prepare runs; the
+   outputs go to the remote and the lock to ``idlm-runs/latest`` in the origin; the
+   MLflow parent run records the data version.
 2. the same data, a new clone: the last run is restored, the data version is unchanged,
    prepare is skipped.
 3. v2 published (one more file), a new clone: a new version, prepare runs again.
@@ -21,8 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from tests.workspace import PROFILE, REPO, git, make_workspace, prefect_flow_fac
 pytestmark = pytest.mark.slow
 
 POOL = "idlm-retrain-test"
+FIRST_RUN_DELAY = timedelta(seconds=5)   # the schedule's first occurrence, after creation
 
 
 def _write_items(folder: Path, name: str, count: int, seed: int) -> None:
@@ -55,10 +62,53 @@ def _pull_steps(origin: Path) -> list[dict[str, Any]]:
     return steps
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def setting(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: ANN001
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """`prefect server start` with its services (the scheduler looks every second), its
+    own home and database; the Prefect client talks to it for this module's tests."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home, port = tmp_path_factory.mktemp("prefect-server"), _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def setting(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.exceptions import ObjectAlreadyExists
 
     root = tmp_path_factory.mktemp("retrain")
@@ -72,6 +122,9 @@ def setting(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     git(origin, "branch", "-M", "main")   # the branch the deployment clones
     data = root / "data"
     _write_items(data, "part-0.jsonl", 120, seed=1)
+    # Daily, first due a few seconds from now: one scheduled run inside this test.
+    first_due = datetime.now(UTC) + FIRST_RUN_DELAY
+    schedule = IntervalSchedule(interval=timedelta(days=1), anchor_date=first_due)
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
@@ -80,6 +133,7 @@ def setting(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         flow_id = client.create_flow_from_name("idlm-full")
         deployment_id = client.create_deployment(
             flow_id=flow_id, name="retrain", work_pool_name=POOL,
+            schedules=[DeploymentScheduleCreate(schedule=schedule, active=True)],
             entrypoint="flows/idlm_full.py:idlm_full", pull_steps=_pull_steps(origin),
             parameters={"profile": PROFILE, "only": ["prepare"], "overrides": [
                 "prepare.source=hub", f"prepare.dataset.import_url={data}",
@@ -88,12 +142,36 @@ def setting(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
             "tracking": f"sqlite:///{root / 'mlflow.db'}"}
 
 
-def _run(setting: dict[str, Any]) -> dict[str, Any]:
-    """One flow run of the deployment, executed by a `prefect worker --run-once`."""
+def _scheduled_run(setting: dict[str, Any]):  # noqa: ANN202 - a prefect FlowRun
+    """The first run the server's scheduler created for the deployment's schedule."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(
+                    any_=[setting["deployment"]])),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+            if runs:
+                return runs[0]
+            assert time.monotonic() < deadline, "the scheduler created no run in 60 s"
+            time.sleep(0.5)
+
+
+def _run(setting: dict[str, Any], scheduled: bool = False) -> dict[str, Any]:
+    """One flow run of the deployment (the one its schedule fired, or one asked for now),
+    executed by a `prefect worker --run-once`."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    run = run_deployment(setting["deployment"], timeout=0)
+    run = _scheduled_run(setting) if scheduled else run_deployment(setting["deployment"],
+                                                                   timeout=0)
+    if scheduled:   # the worker takes runs due within seconds: wait until it is due
+        due_in = (run.expected_start_time - datetime.now(UTC)).total_seconds()
+        time.sleep(max(0.0, due_in))
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "MLFLOW_TRACKING_URI": setting["tracking"],
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -105,7 +183,7 @@ def _run(setting: dict[str, Any]) -> dict[str, Any]:
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     facts = prefect_flow_facts(str(run.id))
     assert facts["completed"], "\n".join(facts["messages"][-25:]) + worker.stderr[-3000:]
-    return facts
+    return {**facts, "run": run}
 
 
 def _prepare_status(facts: dict[str, Any]) -> str:
@@ -126,11 +204,17 @@ def _data_versions(tracking: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(setting: dict[str, Any]) -> list[dict[str, Any]]:
-    first = _run(setting)
+    first = _run(setting, scheduled=True)
     again = _run(setting)
     _write_items(setting["data"], "part-1.jsonl", 40, seed=2)   # publish v2
     after_new_data = _run(setting)
     return [first, again, after_new_data]
+
+
+def test_the_first_run_is_fired_by_the_schedule(runs: list[dict[str, Any]]) -> None:
+    first, *asked = [facts["run"] for facts in runs]
+    assert first.auto_scheduled and first.created_by.type == "SCHEDULE"
+    assert not any(run.auto_scheduled for run in asked)
 
 
 def test_prepare_reruns_on_new_data_and_only_then(runs: list[dict[str, Any]]) -> None:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 MASK_ID = 127
 PAD_ID = 0
 # `make test` runs the suite on two pytest-xdist workers. A scope is what one worker runs
-# whole: each test file (its module fixtures are built once), except that every file using
-# the suite's one trained workspace is one scope, so the workspace is trained once.
-# (xdist's own --dist loadgroup cannot do this under pytest 9: it renames items through an
-# attribute pytest no longer reads.)
+# whole: each test file (its module fixtures are built once), except that the files that
+# use the suite's one trained workspace in place are one scope, so it is trained once, by
+# that scope's worker. Files that only copy it use `trained_snapshot` and may run on the
+# other worker. (xdist's own --dist loadgroup cannot do this under pytest 9: it renames
+# items through an attribute pytest no longer reads.)
 TRAINED_SCOPE = "trained-workspace"
 TRAINED_FILES = ("tests/stages/", "tests/e2e/test_dvc_pipeline.py", "tests/e2e/test_flow.py",
-                 "tests/e2e/test_kill_stages.py", "tests/e2e/test_slurm.py",
-                 "tests/e2e/test_storage.py")
+                 "tests/e2e/test_kill_stages.py")
+_TRAINER_RUNS = pytest.StashKey[bool]()
 
 
 def scope_of(nodeid: str) -> str:
@@ -34,13 +40,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, AN
     return ByScope(config, log)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)   # after -k / -m deselection: what will really run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def uses(item: pytest.Item, fixture: str) -> bool:
+        return fixture in getattr(item, "fixturenames", ())
+
     strays = [item.nodeid for item in items
-              if "trained_workspace" in getattr(item, "fixturenames", ())
-              and scope_of(item.nodeid) != TRAINED_SCOPE]
+              if uses(item, "trained_workspace") and scope_of(item.nodeid) != TRAINED_SCOPE]
     if strays:
-        raise pytest.UsageError(f"{strays[0]} uses trained_workspace: add its file to "
-                                "TRAINED_FILES in tests/conftest.py (or it trains again)")
+        raise pytest.UsageError(
+            f"{strays[0]} uses trained_workspace outside its scope: add its file to "
+            "TRAINED_FILES in tests/conftest.py, or copy `trained_snapshot` instead")
+    config.stash[_TRAINER_RUNS] = any(uses(item, "trained_workspace") for item in items)
 
 
 def tiny_qwen3(seed: int = 0, vocab: int = 128, attention: str = "sdpa"):
@@ -80,5 +91,47 @@ def trained_workspace(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> 
     from tests.workspace import PROFILE, make_workspace
 
     root = make_workspace(tmp_path_factory.mktemp("trained") / "workspace")
-    summary = idlm_full(profile=PROFILE, workspace=str(root))
+    shared = _shared_folder(tmp_path_factory)
+    try:
+        summary = idlm_full(profile=PROFILE, workspace=str(root))
+    except BaseException as error:
+        if shared is not None:   # the other worker stops waiting and fails with this line
+            (shared / "failed.txt").write_text(f"{type(error).__name__}: {error}"[:2000])
+        raise
+    if shared is not None:       # before any test changes it: the other worker copies it
+        from tests.workspace import copy_workspace
+
+        copy_workspace(root, shared / "workspace")
+        (shared / "ready.json").write_text(json.dumps(summary, default=str))
     return {"root": root, "summary": summary, "lock": (root / "dvc.lock").read_bytes()}
+
+
+@pytest.fixture(scope="session")
+def trained_snapshot(request: pytest.FixtureRequest,
+                     tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The trained workspace as it was right after training, for tests that only copy it.
+    Under xdist, when the other worker trains it, this waits for its snapshot; otherwise it
+    is `trained_workspace` itself."""
+    shared = _shared_folder(tmp_path_factory)
+    if shared is None or not request.config.stash.get(_TRAINER_RUNS, False):
+        return request.getfixturevalue("trained_workspace")
+    deadline = time.monotonic() + 1800
+    while not (shared / "ready.json").is_file():
+        if (shared / "failed.txt").is_file():
+            pytest.fail("the trained workspace failed to build: "
+                        + (shared / "failed.txt").read_text())
+        if time.monotonic() > deadline:
+            pytest.fail("the other xdist worker did not finish the trained workspace in 30 min")
+        time.sleep(1)
+    root = shared / "workspace"
+    return {"root": root, "summary": json.loads((shared / "ready.json").read_text()),
+            "lock": (root / "dvc.lock").read_bytes()}
+
+
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """A folder every xdist worker of this run sees (None without xdist)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return None
+    folder = tmp_path_factory.getbasetemp().parent / TRAINED_SCOPE
+    folder.mkdir(exist_ok=True)
+    return folder

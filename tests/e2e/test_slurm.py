@@ -80,9 +80,9 @@ def _deploy_and_run(workspace: Path, parameters: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm: dict, prefect_api, trained_workspace: dict,  # noqa: ANN001
+def slurm_run(slurm: dict, prefect_api, trained_snapshot: dict,  # noqa: ANN001
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    workspace = copy_workspace(trained_workspace["root"],
+    workspace = copy_workspace(trained_snapshot["root"],
                                tmp_path_factory.mktemp("slurm") / "workspace")
     overrides = ["cluster.launch=slurm", "cluster.processes_per_node=2", GLOBAL_BATCH]
     run_id = _deploy_and_run(workspace, {"profile": PROFILE, "only": ["base"],

@@ -66,7 +66,8 @@ def _remote(workspace: Path, state: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster_run(stack, trained_workspace: dict, tmp_path_factory) -> dict[str, Any]:  # noqa: ANN001
+def cluster_run(stack, prefect_api, trained_snapshot: dict,  # noqa: ANN001
+                tmp_path_factory) -> dict[str, Any]:  # noqa: ANN001
     """Three runs of the flow (in the suite's Prefect server) on a copy of the trained
     workspace, tracking into the stack: (1) nothing to rerun, pushed and recorded on a run
     branch; (2) and (3) `export` again after a param change each, so the registry holds two
@@ -77,7 +78,7 @@ def cluster_run(stack, trained_workspace: dict, tmp_path_factory) -> dict[str, A
     from flows.idlm_full import idlm_full
     from idlm import tracking
 
-    workspace = copy_workspace(trained_workspace["root"],
+    workspace = copy_workspace(trained_snapshot["root"],
                                tmp_path_factory.mktemp("cluster") / "workspace")
     _remote(workspace, stack)
     git(workspace, "add", ".dvc/config")

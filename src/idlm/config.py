@@ -246,6 +246,9 @@ class LoraSection(Section):
     # Train a delta on the MASK token's embedding (at MASK rows only): embeddings are not
     # LoRA targets, and on a real Qwen3 the MASK row is an untrained one.
     mask_embedding: bool = True
+    # Where training starts: `ic`, the best rank-r approximation of the IC stage's weight
+    # change (idlm.model.lora_init); `zero`, PEFT's default (B = 0).
+    init: Literal["ic", "zero"] = "ic"
     stride: Annotated[int, Field(ge=2, le=16)] = 3
     train: Optimisation = Optimisation(lr=2e-3, steps=300)
 

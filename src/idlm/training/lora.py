@@ -1,5 +1,8 @@
 """``lora`` stage: a gated-LoRA adapter on the frozen base, trained with the IC MASK loss.
 
+It starts (``lora.init: ic``) from the best rank-r approximation of what the IC stage
+changed in each weight (idlm.model.lora_init), so it depends on the IC model too.
+
 The gate (PEFT layers extended in idlm.model.gated_lora) applies the LoRA delta only
 at MASK rows, so every other row is the exact base model: that is what makes R-ISD
 lossless. The clean-path CE term would carry no gradient (gate 0 there), so the
@@ -40,8 +43,19 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
                                            weights_dir=base_dir, known_digests=pin.get("files"))
     model = attach_gated_lora(base, inputs.mask_token_id, section.rank, section.alpha,
                               section.dropout, section.targets, section.mask_embedding)
+    if section.init == "ic":
+        from idlm.model.lora_init import TunedWeights, init_from_tuned
+
+        layers = init_from_tuned(model, TunedWeights(cfg.out("ic", "model")),
+                                 inputs.mask_token_id)
+        if rank == 0:
+            print(f"[lora] {layers} adapters start from the IC model's weight change "
+                  f"(rank {section.rank})", flush=True)
+    # With `init: ic` the start depends on the IC model, so on what the IC stage trained on.
+    start = (common.fingerprint_of("ic", pin["fingerprint"], cfg.ic.model_dump(),
+                                   inputs.data_fingerprint) if section.init == "ic" else None)
     fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),
-                                        inputs.data_fingerprint)
+                                        inputs.data_fingerprint, start)
     curriculum = Curriculum([Phase(stride=section.stride, alpha=0.0, steps=steps)], [steps])
     compute = ic_step(inputs, curriculum, opt.seed, opt.micro_batch_size, opt.grad_accum,
                       world, cfg.ic.random_block_offset, opt.pack_width)

@@ -16,7 +16,7 @@ pipeline: setup
 
 test: setup
 	bash scripts/test_services.sh
-	python -m pytest -q -n 2
+	OMP_NUM_THREADS=1 python -m pytest -q -n 2
 
 lint: setup
 	ruff check src stages tests bench flows

@@ -1,6 +1,6 @@
 """Introspective-consistency (IC) training: layout, attention mask, logit shift, loss.
 
-Layout per sample, DESIGN.md's ``[x_t | x_0]`` without x_t's prompt half (MASK blocks
+Layout per sample, docs/method.md's ``[x_t | x_0]`` without x_t's prompt half (MASK blocks
 only ever see the *clean* prefix, so that half is never attended; leaving it out gives
 the same loss and gradients on L + R tokens instead of 2L)::
 

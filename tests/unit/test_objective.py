@@ -1,4 +1,4 @@
-"""The IC layout, its attention mask and loss, checked against DESIGN.md's rules."""
+"""The IC layout, its attention mask and loss, checked against the rules of docs/method.md."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _random_rows(generator: torch.Generator, lengths: list[int], prompts: list[i
 
 
 def brute_force_2l(length: int, prompt: int, block_size: int, offset: int) -> torch.Tensor:
-    """DESIGN.md's rules on the full 2L layout [x_t | x_0] (x_t first), by loops.
+    """The rules (docs/method.md) on the full 2L layout [x_t | x_0] (x_t first), by loops.
 
     Blocks are laid over the response (the prompt is clean in x_t and never a MASK).
     """

@@ -191,7 +191,7 @@ def plan_for(cfg: Config, stage: str, arch: Architecture) -> Plan:
     opt = _settings(cfg, stage)
     zero = _zero_section(opt.deepspeed)
     zero_stage = int(zero.get("stage", 0))  # not 0-3: DeepSpeed refuses it; size it unsharded
-    # IC rows are [x_0 | MASK x R]: L + R <= 2L tokens (DESIGN.md); base trains AR rows.
+    # IC rows are [x_0 | MASK x R]: L + R <= 2L tokens (docs/method.md); base trains AR rows.
     sequence = cfg.prepare.max_length * (1 if stage == "base" else 2)
     trainable, frozen, lora_bytes = arch.parameters, 0, 0
     if stage == "lora":

@@ -8,7 +8,7 @@ Shapes, for a batch of B rows whose widest stride gives D = N-1 draft slots:
 * ``drafts``: [B, D] the drafts ``s_1..s_D`` proposed last step (from that step's q).
 * ``num_checked``: [B] drafts to verify this step; 0 on a cold start (and in AR mode).
 
-Rule (DESIGN.md): verify left to right; ``k`` leading drafts are accepted. If all checked
+Rule (docs/method.md): verify left to right; ``k`` leading drafts are accepted. If all checked
 drafts are accepted the step emits them plus a *bonus* drawn from p_k; otherwise it emits
 the k accepted drafts plus a *replacement* drawn from norm(max(0, p_k - q_{k+1})) and the
 next step is a cold start. Either way the emitted token after the accepted drafts is

@@ -1,6 +1,6 @@
 """Introspective acceptance: does the model's own AR distribution accept its MASK drafts?
 
-Teacher-forced (DESIGN.md): take a generation (prompt + response), lay it out as the IC
+Teacher-forced (docs/method.md): take a generation (prompt + response), lay it out as the IC
 training layout ``[x_0 | MASK x R]`` (``idlm.objective``) once per block offset, so every
 response position is drafted from every slot of a block, and compare each MASK row's
 draft distribution q with the clean row's AR distribution p for the same token:

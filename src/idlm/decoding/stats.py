@@ -117,7 +117,8 @@ def aggregate(stats: Iterable[RequestStats]) -> dict[str, Any]:
 
 
 def expected_tokens_per_forward(acceptance: float, stride: int) -> float:
-    """DESIGN.md's TPF at i.i.d. per-draft acceptance p: (2 + p + .. + p^{N-2}) / (2 - p^{N-1})."""
+    """TPF at i.i.d. per-draft acceptance p (docs/method.md):
+    (2 + p + .. + p^{N-2}) / (2 - p^{N-1})."""
     numerator = 2 + sum(acceptance ** power for power in range(1, stride - 1))
     return numerator / (2 - acceptance ** (stride - 1))
 

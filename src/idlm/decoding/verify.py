@@ -10,7 +10,7 @@
   chi-square tests of sampled continuations against the *exact* AR law of the same model,
   for ISD / R-ISD with sampled and with argmax proposals, and AR as calibration.
 * :func:`acceptance_sweep`: TPF, per-position acceptance and round kinds for several
-  strides, overall and per prompt kind, the TPF that DESIGN.md's formula predicts from
+  strides, overall and per prompt kind, the TPF that the formula (docs/method.md) predicts from
   the measured acceptance, and the teacher-forced introspective acceptance.
 """
 
@@ -228,7 +228,7 @@ def by_kind(stats: Sequence[RequestStats], kinds: Sequence[str], stride: int
 
 
 def formula_check(decoding: dict[str, Any], stride: int) -> dict[str, float | None]:
-    """Measured TPF against DESIGN.md's i.i.d. formula at the measured acceptance ``p``.
+    """Measured TPF against the i.i.d. formula (docs/method.md) at measured acceptance ``p``.
 
     ``p`` pools every tried draft (accepted / tried over all positions): under the
     formula's own assumption every position accepts with the same ``p``, and pooling is

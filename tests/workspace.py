@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,13 @@ PROFILE = "test"
 BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
 # MLflow's embedded store: a copy that keeps it would log into the original's artifacts.
 _TRACKING = ("mlflow.db", "mlartifacts")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the servers the tests start bind it next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def git(root: Path, *args: str) -> str:

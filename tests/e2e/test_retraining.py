@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.workspace import PROFILE, REPO, git, make_workspace, prefect_flow_facts
+from tests.workspace import PROFILE, REPO, free_port, git, make_workspace, prefect_flow_facts
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,6 @@ def _pull_steps(origin: Path) -> list[dict[str, Any]]:
     return steps
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """`prefect server start` with its services (the scheduler looks every second), its
@@ -75,7 +68,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    home, port = tmp_path_factory.mktemp("prefect-server"), _free_port()
+    home, port = tmp_path_factory.mktemp("prefect-server"), free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}

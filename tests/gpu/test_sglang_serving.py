@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.workspace import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,17 +91,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     return cfg, tokenizer
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def server(request: pytest.FixtureRequest, exported: tuple, tmp_path: Path) -> Iterator[str]:
     cfg, _ = exported
     bundle = cfg.out("export", request.param)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(["bash", str(bundle / "launch.sh"), "--port", str(port),

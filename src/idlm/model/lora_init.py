@@ -73,10 +73,10 @@ def init_from_tuned(model: nn.Module, tuned: TunedWeights, mask_token_id: int) -
 
 def _set_low_rank(module: nn.Module, delta: torch.Tensor) -> None:
     """B A * scaling = the best rank-r approximation of ``delta`` (split evenly by sqrt S)."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)   # once, for every adapter
     for adapter in module.active_adapters:
         a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         rank = a.shape[0]
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         root = (s[:rank] / module.scaling[adapter]).sqrt()
         b.copy_((u[:, :rank] * root).to(b.dtype))
         a.copy_((root[:, None] * vh[:rank]).to(a.dtype))

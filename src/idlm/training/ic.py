@@ -22,6 +22,13 @@ from idlm.training import common, distributed
 PHASES_FILE = "phases.json"
 
 
+def ic_fingerprint(cfg: Config, pin: dict[str, Any], data_fingerprint: str) -> str:
+    """What determines the IC model: the base, the IC settings and the data (resume keys
+    on it; the LoRA stage, which starts from the IC model, keys on it too)."""
+    return common.fingerprint_of("ic", pin["fingerprint"], cfg.ic.model_dump(),
+                                 data_fingerprint)
+
+
 def phase_name(index: int, phase: Phase) -> str:
     return f"phase{index}-N{phase.stride}"
 
@@ -95,8 +102,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     zero3 = zero3_loading(opt, curriculum.total_steps, device)  # noqa: F841 - outlives training
     model = load_causal_lm(common.base_model_path(cfg, pin), cfg.model, device,
                            attention=inputs.attention)
-    fingerprint = common.fingerprint_of("ic", pin["fingerprint"], cfg.ic.model_dump(),
-                                        inputs.data_fingerprint)
+    fingerprint = ic_fingerprint(cfg, pin, inputs.data_fingerprint)
     checkpoints = cfg.out("ic", "checkpoints")
     compute = ic_step(inputs, curriculum, opt.seed, opt.micro_batch_size, opt.grad_accum,
                       world, cfg.ic.random_block_offset, opt.pack_width, cfg.ic.alpha_max)

@@ -24,7 +24,7 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
     from idlm.model.factory import count_parameters, load_causal_lm
     from idlm.model.gated_lora import attach_gated_lora
     from idlm.training.batches import total_steps
-    from idlm.training.ic import Curriculum, ic_step
+    from idlm.training.ic import Curriculum, ic_fingerprint, ic_step
     from idlm.training.trainer import TrainJob, train, zero3_loading
 
     section, opt = cfg.lora, cfg.lora.train
@@ -52,8 +52,8 @@ def run(cfg: Config, stop_after: int | None = None) -> dict[str, Any]:
             print(f"[lora] {layers} adapters start from the IC model's weight change "
                   f"(rank {section.rank})", flush=True)
     # With `init: ic` the start depends on the IC model, so on what the IC stage trained on.
-    start = (common.fingerprint_of("ic", pin["fingerprint"], cfg.ic.model_dump(),
-                                   inputs.data_fingerprint) if section.init == "ic" else None)
+    start = (ic_fingerprint(cfg, pin, inputs.data_fingerprint) if section.init == "ic"
+             else None)
     fingerprint = common.fingerprint_of("lora", pin["fingerprint"], section.model_dump(),
                                         inputs.data_fingerprint, start)
     curriculum = Curriculum([Phase(stride=section.stride, alpha=0.0, steps=steps)], [steps])

@@ -8,7 +8,9 @@ Systems: ``hf_generate`` (base, batched, left-padded), ``ar`` (engine, base), ``
 (engine, IC model, stride N) and ``risd`` (engine, base + gated adapter). Every system
 decodes the same prompts with the same budget and stop ids; each (system, batch) cell is
 timed ``--repeats`` times after a warm-up, interleaved, and the fastest run is kept (the
-machine may be shared). Tokens/s counts generated tokens (stop token included) per second
+machine may be shared). A cell decodes at least ``--min-prompts`` different prompts, in
+consecutive batches of its size (batch 1: one prompt after another), so that a small batch
+is not one prompt's luck. Tokens/s counts generated tokens (stop token included) per second
 of wall time over the whole batch. ``ms_per_step_forward`` is an engine system's cost per
 decode-step forward, prefill excluded (a 1-token run's time and forwards subtracted).
 """
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--min-prompts", type=int, default=16,
+                        help="prompts per cell at least (small batches run several in turn)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plot", default="outputs/bench/decode.png")
     return parser.parse_args(argv)
@@ -89,20 +93,22 @@ def make_prompts(args: argparse.Namespace, engine: Any, count: int) -> list[list
     return prompts
 
 
-def run_engine(engine: Any, prompts: list[list[int]], mode: str, stride: int,
+def run_engine(engine: Any, groups: list[list[list[int]]], mode: str, stride: int,
                max_new_tokens: int) -> dict[str, Any]:
-    """One timed ``generate``, then a 1-token one (the prefill forward alone) so that the
-    decode steps' forward cost can be reported without the prefill."""
+    """One timed ``generate`` per batch in ``groups``, then 1-token ones (the prefill forward
+    alone) so that the decode steps' forward cost can be reported without the prefill."""
     from idlm.decoding import GenerationRequest, SamplingParams, aggregate
 
     def timed(budget: int) -> tuple[float, int, list[Any]]:
         sampling = SamplingParams(max_new_tokens=budget)
-        requests = [GenerationRequest(p, mode, stride if mode == "isd" else 1, sampling)
-                    for p in prompts]
-        before = engine.forwards_run
-        started = time.perf_counter()
-        results = engine.generate(requests)
-        return time.perf_counter() - started, engine.forwards_run - before, results
+        seconds, before, results = 0.0, engine.forwards_run, []
+        for prompts in groups:
+            requests = [GenerationRequest(p, mode, stride if mode == "isd" else 1, sampling)
+                        for p in prompts]
+            started = time.perf_counter()
+            results += engine.generate(requests)
+            seconds += time.perf_counter() - started
+        return seconds, engine.forwards_run - before, results
 
     seconds, forwards, results = timed(max_new_tokens)
     prefill_seconds, prefill_forwards, _ = timed(1)
@@ -114,9 +120,20 @@ def run_engine(engine: Any, prompts: list[list[int]], mode: str, stride: int,
             "acceptance": summary["acceptance"]}
 
 
-def run_transformers(engine: Any, prompts: list[list[int]], max_new_tokens: int
+def run_transformers(engine: Any, groups: list[list[list[int]]], max_new_tokens: int
                      ) -> dict[str, Any]:
-    """Batched ``generate`` on the base model, left-padded, same budget and stop ids."""
+    """Batched ``generate`` on the base model per batch in ``groups``, left-padded, same
+    budget and stop ids."""
+    runs = [_transformers_batch(engine, prompts, max_new_tokens) for prompts in groups]
+    total = {key: sum(run[key] for run in runs)
+             for key in ("seconds", "tokens", "batch_forwards", "slots")}
+    return {"seconds": total["seconds"], "tokens": total["tokens"],
+            "batch_forwards": total["batch_forwards"],
+            "tokens_per_forward": total["tokens"] / max(1, total["slots"]), "acceptance": []}
+
+
+def _transformers_batch(engine: Any, prompts: list[list[int]], max_new_tokens: int
+                        ) -> dict[str, Any]:
     import torch
 
     width = max(map(len, prompts))
@@ -136,18 +153,25 @@ def run_transformers(engine: Any, prompts: list[list[int]], max_new_tokens: int
         tokens += stops[0] + 1 if stops else len(row)
     steps = out.shape[1] - width
     return {"seconds": seconds, "tokens": tokens, "batch_forwards": steps,
-            "tokens_per_forward": tokens / max(1, steps * len(prompts)), "acceptance": []}
+            "slots": steps * len(prompts)}
 
 
-def measure(engines: dict[str, Any], prompts: list[list[int]], args: argparse.Namespace
+def batches(prompts: list[list[int]], size: int, least: int) -> list[list[list[int]]]:
+    """Consecutive batches of ``size`` prompts covering at least ``least`` prompts."""
+    rounds = max(1, -(-least // size))
+    cycled = (prompts * (-(-rounds * size // len(prompts))))[:rounds * size]
+    return [cycled[start:start + size] for start in range(0, len(cycled), size)]
+
+
+def measure(engines: dict[str, Any], groups: list[list[list[int]]], args: argparse.Namespace
             ) -> dict[str, dict[str, Any]]:
-    """Best of ``repeats`` interleaved runs per system for one batch."""
+    """Best of ``repeats`` interleaved runs per system for one batch size."""
     runners = {
-        "hf_generate": lambda: run_transformers(engines["ar"], prompts, args.max_new_tokens),
-        "ar": lambda: run_engine(engines["ar"], prompts, "ar", 1, args.max_new_tokens),
-        "isd": lambda: run_engine(engines["isd"], prompts, "isd", args.stride,
+        "hf_generate": lambda: run_transformers(engines["ar"], groups, args.max_new_tokens),
+        "ar": lambda: run_engine(engines["ar"], groups, "ar", 1, args.max_new_tokens),
+        "isd": lambda: run_engine(engines["isd"], groups, "isd", args.stride,
                                   args.max_new_tokens),
-        "risd": lambda: run_engine(engines["risd"], prompts, "isd", args.stride,
+        "risd": lambda: run_engine(engines["risd"], groups, "isd", args.stride,
                                    args.max_new_tokens),
     }
     best: dict[str, dict[str, Any]] = {}
@@ -233,12 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        prompts = make_prompts(args, engines["ar"], max(sizes))
-        measure(engines, prompts[:1], argparse.Namespace(**{**vars(args), "repeats": 1}))
-        results = {str(b): measure(engines, (prompts * b)[:b], args) for b in sizes}
+        prompts = make_prompts(args, engines["ar"], max(max(sizes), args.min_prompts))
+        measure(engines, [prompts[:1]], argparse.Namespace(**{**vars(args), "repeats": 1}))
+        results = {str(b): measure(engines, batches(prompts, b, args.min_prompts), args)
+                   for b in sizes}
     report = {"models": "random tiny" if args.random_tiny else str(folders["model"]),
               "stride": args.stride, "max_new_tokens": args.max_new_tokens,
               "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "min_prompts": args.min_prompts,
               "results": results, "ratios": ratios(results)}
     plot(report, resolve(args.plot))
     report["plot"] = str(resolve(args.plot))

@@ -186,27 +186,36 @@ def test_prefill_window_and_mask() -> None:
                                 [True, True, True, False, False]]
 
 
-def test_stop_cut_and_write() -> None:
-    emitted = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 4]])
-    keep, stopped = book.stop_cut(emitted, torch.tensor([4, 2, 4]),
-                                  torch.tensor([[3, -1], [7, -1], [3, -1]]),
-                                  room=torch.tensor([10, 10, 2]))
-    assert keep.tolist() == [3, 2, 2] and stopped.tolist() == [True, False, False]
-    buffer = torch.zeros(3, 6 + 4, dtype=torch.long)
-    book.write_tokens(buffer, torch.tensor([0, 1, 4]), emitted, keep)
-    assert buffer[:, :6].tolist() == [[1, 2, 3, 0, 0, 0], [0, 5, 6, 0, 0, 0],
-                                      [0, 0, 0, 0, 1, 2]]
+def test_commit_keeps_up_to_the_stop_token_and_the_budget() -> None:
+    emitted = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])
+    buffer = torch.zeros(4, 6 + 4, dtype=torch.long)
+    written = torch.tensor([0, 1, 4, 2])
+    budget = written + torch.tensor([10, 10, 2, 10])
+    stopped = torch.zeros(4, dtype=torch.bool)
+    finished = torch.tensor([False, False, False, True])
+    book.commit_tokens(buffer, written, budget, torch.tensor([[3, -1], [7, -1], [3, -1],
+                                                              [9, -1]]),
+                       emitted, torch.tensor([4, 2, 4, 4]), ~finished, stopped, finished)
+    # Row 0 stops at its stop token (kept); row 1 has 2 tokens and its stop id 7 lies past
+    # them; row 2 runs out of budget; row 3 had finished and takes nothing.
+    assert written.tolist() == [3, 3, 6, 2]
+    assert [buffer[row, :int(end)].tolist() for row, end in enumerate(written)] == [
+        [1, 2, 3], [0, 5, 6], [0, 0, 0, 0, 1, 2], [0, 0]]
+    assert stopped.tolist() == [True, False, False, False]
+    assert finished.tolist() == [True, False, True, True]
 
 
 def test_stats_record_and_formula() -> None:
-    stats = StatsTensors.zeros(3, 3, "cpu")
-    stats.record(active=torch.tensor([True, True, False]), num_drafts=torch.tensor([3, 3, 3]),
-                 num_checked=torch.tensor([3, 0, 3]), accepted=torch.tensor([1, 0, 3]),
-                 all_accepted=torch.tensor([False, True, True]))
-    assert stats.forwards.tolist() == [1, 1, 0]
-    assert stats.rounds.tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 0]]
-    assert stats.tried.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
-    assert stats.accepted.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    stats = StatsTensors.zeros(4, 3, "cpu")
+    stats.record(active=torch.tensor([True, True, False, True]),
+                 num_checked=torch.tensor([3, 0, 3, 3]), accepted=torch.tensor([1, 0, 3, 3]),
+                 all_accepted=torch.tensor([False, True, True, True]))
+    stats.record_unverified(torch.tensor([False, False, True, False]))
+    # (forwards, rounds V/R/C, tried, accepted) per row
+    assert stats.summary(0, 3) == (1, [0, 1, 0], [1, 1, 0], [1, 0, 0])
+    assert stats.summary(1, 3) == (1, [0, 0, 1], [0, 0, 0], [0, 0, 0])
+    assert stats.summary(2, 0) == (1, [0, 0, 0], [], [])     # an AR row: forwards only
+    assert stats.summary(3, 3) == (1, [1, 0, 0], [1, 1, 1], [1, 1, 1])
     assert expected_tokens_per_forward(0.9, 4) == pytest.approx(2.919, abs=1e-3)
     assert expected_tokens_per_forward(1.0, 4) == pytest.approx(4.0)
     assert aggregate([])["tokens_per_forward"] == 0.0
@@ -244,3 +253,21 @@ def test_cache_concat_matches_capacities_that_reserve_would_round_differently() 
     small.concat(large)
     assert small.rows == 5 and small.capacity == 192
     assert small.keys[0][:2, :, 5].eq(1).all() and small.values[0][2:, :, 150].eq(2).all()
+
+
+@pytest.mark.parametrize("verifying", [True, False])
+def test_uniform_layout_is_the_general_layout(verifying: bool) -> None:
+    pending, lengths = torch.tensor([10, 20]), torch.tensor([4, 9])
+    drafts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    general = book.step_window(pending, drafts, torch.tensor([verifying] * 2),
+                               torch.tensor([3, 3]), lengths, 99, 0,
+                               max_checked=3 if verifying else 0)
+    layout = book.UniformLayout.build(2, 3, 3 if verifying else 0, 99, "cpu")
+    uniform = layout.window(pending, drafts, lengths)
+    for name in ("input_ids", "position_ids", "anchor", "num_checked", "drafting"):
+        assert torch.equal(getattr(uniform, name), getattr(general, name)), name
+    rows = book.logit_rows(general.anchor, general.num_checked, 3, general.input_ids.shape[1])
+    if uniform.logit_rows is book.ALL_ROWS:
+        assert rows.tolist() == [list(range(7))] * 2
+    else:
+        assert rows.tolist() == [uniform.logit_rows.tolist()] * 2

@@ -178,3 +178,31 @@ def test_models_it_cannot_run_fall_back_with_a_reason() -> None:
                                          intermediate_size=128))
     forward, reason = decoder_forward(llama.get_decoder(), llama.config, 64)
     assert isinstance(forward, HFDecoder) and "'llama' is not qwen3" in reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_the_bits_of_transformers(dtype: torch.dtype) -> None:
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from idlm.decoding.lean_forward import _rms_norm
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 6, 48).to(dtype)
+    norm = Qwen3RMSNorm(48, eps=1e-6).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    with torch.no_grad():
+        assert torch.equal(_rms_norm(hidden, norm.weight, 1e-6), norm(hidden))
+        # The q/k head norm: one weight row per head, the same row for every head here.
+        per_head = norm.weight.expand(6, -1)
+        assert torch.equal(_rms_norm(hidden, per_head, 1e-6), norm(hidden))
+
+
+def test_lm_head_equals_the_module() -> None:
+    from idlm.decoding.lean_forward import lm_head
+
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        assert (lm_head(head)(hidden) - head(hidden)).abs().amax() <= 1e-6
+    with_bias = torch.nn.Linear(16, 40)
+    assert lm_head(with_bias) is with_bias

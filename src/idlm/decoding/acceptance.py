@@ -71,7 +71,8 @@ def verify_step(logits: torch.Tensor, drafts: torch.Tensor, num_checked: torch.T
     """
     width = drafts.shape[1]
     if sampling.all_greedy:
-        return verify_greedy(logits[:, :width + 1], logits[:, width + 1:], drafts, num_checked)
+        best = logits.argmax(dim=-1)   # one argmax over the anchor and the MASK rows
+        return greedy_outcome(best[:, :width + 1], best[:, width + 1:], drafts, num_checked)
     probs = warp_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p,
                        *sampling.filters)
     uniforms = counter_uniforms(sampling.seeds, sampling.steps,
@@ -92,12 +93,17 @@ def leading_accepts(accept: torch.Tensor, num_checked: torch.Tensor) -> torch.Te
 def verify_greedy(anchor_logits: torch.Tensor, mask_logits: torch.Tensor,
                   drafts: torch.Tensor, num_checked: torch.Tensor) -> StepOutcome:
     """T = 0: accept s_i iff it is argmax p_{i-1}; emit argmax p_k; drafts are argmax q."""
-    anchor_argmax = anchor_logits.argmax(dim=-1)
+    return greedy_outcome(anchor_logits.argmax(dim=-1), mask_logits.argmax(dim=-1), drafts,
+                          num_checked)
+
+
+def greedy_outcome(anchor_argmax: torch.Tensor, mask_argmax: torch.Tensor,
+                   drafts: torch.Tensor, num_checked: torch.Tensor) -> StepOutcome:
+    """``verify_greedy`` from the argmax ids of the anchor [B, D+1] and MASK [B, D] rows."""
     width = drafts.shape[1]
     accepted = leading_accepts(drafts == anchor_argmax[:, :width], num_checked)
     token = anchor_argmax.gather(1, accepted[:, None]).squeeze(1)
-    return StepOutcome(accepted, token, accepted == num_checked, mask_logits.argmax(dim=-1),
-                       None)
+    return StepOutcome(accepted, token, accepted == num_checked, mask_argmax, None)
 
 
 def verify_sampled(anchor_probs: torch.Tensor, mask_probs: torch.Tensor, drafts: torch.Tensor,

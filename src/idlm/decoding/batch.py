@@ -43,6 +43,7 @@ class DecodeBatch:
                                       # argmax-proposal rows: unread, q is one-hot)
     has_drafts: torch.Tensor       # [B] bool: next step verifies (else cold start)
     num_drafts: torch.Tensor       # [B] N-1 (0 for AR)
+    drafting: torch.Tensor         # [B] bool: num_drafts > 0
     temperature: torch.Tensor      # [B] float
     top_k: torch.Tensor            # [B]
     top_p: torch.Tensor            # [B] float
@@ -61,18 +62,20 @@ class DecodeBatch:
     max_length: int = 0            # host copy of lengths.max(), refreshed once per step
     finished_count: int = 0        # host copy of finished.sum(), refreshed once per step
     max_checked: int = 0           # host copy of the most drafts any row verifies next step
-    min_length: int = 0            # host copy of lengths.min() (equal lengths need no mask)
+    min_checked: int = 0           # ... and the fewest
+    min_drafts: int = 0            # host copy of num_drafts.min()
 
     def refresh_host(self) -> None:
         """The step's one device->host read: what the next window's shape depends on."""
         if not self.request_ids:
-            self.max_length = self.finished_count = self.max_checked = self.min_length = 0
+            self.max_length = self.finished_count = self.max_checked = 0
+            self.min_checked = self.min_drafts = 0
             return
-        checked = (self.num_drafts * self.has_drafts).max()
-        values = torch.stack([self.lengths.max(), self.finished.sum(), checked,
-                              self.lengths.min()]).tolist()
-        self.max_length, self.finished_count, self.max_checked, self.min_length = (
-            int(v) for v in values)
+        checked = self.num_drafts * self.has_drafts
+        values = torch.stack([self.lengths.max(), self.finished.sum(), checked.max(),
+                              checked.min(), self.num_drafts.min()]).tolist()
+        (self.max_length, self.finished_count, self.max_checked, self.min_checked,
+         self.min_drafts) = values
 
     @property
     def rows(self) -> int:
@@ -137,7 +140,7 @@ class DecodeBatch:
 
 def _row_tensor_fields() -> list[str]:
     skip = {"request_ids", "params", "stats", "cache", "cache_vocab", "max_length",
-            "finished_count", "max_checked", "min_length"}
+            "finished_count", "max_checked", "min_checked", "min_drafts"}
     return [f.name for f in fields(DecodeBatch) if f.name not in skip]
 
 
@@ -158,13 +161,14 @@ def new_batch(requests: Sequence[GenerationRequest], request_ids: Sequence[int],
         ids = list(default_stop_ids if p.stop_token_ids is None else p.stop_token_ids)
         stop_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
     zeros = torch.zeros(rows, dtype=torch.long, device=device)
+    num_drafts = column([a.num_drafts(r.stride) for a, r in zip(runs, requests, strict=True)],
+                        torch.long)
     return DecodeBatch(
         request_ids=list(request_ids), params=params,
         lengths=zeros.clone(), pending=zeros.clone(),
         drafts=torch.zeros(rows, shape.width_drafts, dtype=torch.long, device=device),
         draft_probs=None, has_drafts=zeros.bool(),
-        num_drafts=column([a.num_drafts(r.stride) for a, r in zip(runs, requests,
-                                                                  strict=True)], torch.long),
+        num_drafts=num_drafts, drafting=num_drafts > 0,
         temperature=column([max(p.temperature, 0.0) for p in params], torch.float32),
         top_k=column([p.top_k for p in params], torch.long),
         top_p=column([p.top_p for p in params], torch.float32),

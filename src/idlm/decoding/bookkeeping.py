@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+# ``Window.logit_rows`` when the verifier reads every row of the window, in order.
+ALL_ROWS = torch.empty(0, dtype=torch.long)
+
 
 @dataclass
 class Window:
@@ -31,6 +34,46 @@ class Window:
     anchor: torch.Tensor        # [B] window index of pending (0, or prompt length - 1)
     num_checked: torch.Tensor   # [B] drafts verified in this window
     drafting: torch.Tensor      # [B, W] bool: the MASK slots (R-ISD's gate, by position)
+    # [2D+1] window indices the verifier reads, the same for every row (``ALL_ROWS``: all
+    # of them); None: per row, from ``logit_rows()``.
+    logit_rows: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class UniformLayout:
+    """The constant parts of a window in which every one of B rows drafts D tokens and
+    every row verifies ``checked`` (D, or 0 on a cold start) drafts: the same layout as
+    ``step_window`` gives such a batch, built once and reused, so a step lays out its
+    window in three ops instead of a dozen."""
+
+    masks: torch.Tensor        # [B, D] MASK ids
+    offsets: torch.Tensor      # [W] 0..W-1
+    anchor: torch.Tensor       # [B] zeros
+    num_checked: torch.Tensor  # [B] checked
+    drafting: torch.Tensor     # [B, W]
+    logit_rows: torch.Tensor   # [2D+1] (ALL_ROWS when verifying)
+    checked: int
+
+    @classmethod
+    def build(cls, rows: int, width_drafts: int, checked: int, mask_token_id: int,
+              device: torch.device | str) -> UniformLayout:
+        width = 1 + checked + width_drafts
+        offsets = torch.arange(width, device=device)
+        drafting = (offsets > checked).expand(rows, width)
+        rows_read = logit_rows(torch.zeros(1, dtype=torch.long, device=device),
+                               torch.full((1,), checked, device=device), width_drafts,
+                               width)[0]
+        return cls(torch.full((rows, width_drafts), mask_token_id, device=device), offsets,
+                   torch.zeros(rows, dtype=torch.long, device=device),
+                   torch.full((rows,), checked, dtype=torch.long, device=device), drafting,
+                   ALL_ROWS if checked == width_drafts else rows_read, checked)
+
+    def window(self, pending: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor
+               ) -> Window:
+        parts = [pending[:, None], drafts, self.masks] if self.checked else \
+            [pending[:, None], self.masks]
+        return Window(torch.cat(parts, dim=1), lengths[:, None] + self.offsets, self.anchor,
+                      self.num_checked, self.drafting, self.logit_rows)
 
 
 def step_window(pending: torch.Tensor, drafts: torch.Tensor, has_drafts: torch.Tensor,
@@ -120,39 +163,33 @@ def kept_slots(anchor: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
 def emitted_tokens(drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, D+1] tokens this step emits (k accepted drafts, then ``token``) and their count."""
-    emitted = torch.cat([drafts, torch.zeros_like(token)[:, None]], dim=1)
+    emitted = torch.cat([drafts, token[:, None]], dim=1)   # past the count: unread
     emitted.scatter_(1, accepted[:, None], token[:, None])
     return emitted, accepted + 1
 
 
-def stop_cut(emitted: torch.Tensor, count: torch.Tensor, stop_token_ids: torch.Tensor,
-             room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """How many emitted tokens to keep and whether a stop token ended the request.
+def commit_tokens(buffer: torch.Tensor, written: torch.Tensor, budget: torch.Tensor,
+                  stop_token_ids: torch.Tensor, emitted: torch.Tensor, count: torch.Tensor,
+                  active: torch.Tensor, stopped: torch.Tensor, finished: torch.Tensor
+                  ) -> None:
+    """Append each active row's emitted tokens up to its first stop token (kept, as
+    transformers keeps it) and its budget, in place, and mark the rows that end.
 
-    ``stop_token_ids`` is [B, S] padded with -1; ``room`` is what is left of each
-    request's token budget. The stop token itself is kept (as transformers does).
+    ``emitted`` [B, D+1] holds ``count`` real tokens per row; ``stop_token_ids`` is [B, S]
+    padded with -1. All D+1 tokens are written from ``written`` on (the buffer has D+1
+    spare columns), and ``written`` then counts only the kept ones: what lies beyond it
+    is never read and the next step overwrites it. A dozen ops, whatever B and D are.
     """
-    slots = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
-    valid = slots < count[:, None]
-    is_stop = (emitted[:, :, None] == stop_token_ids[:, None, :]).any(-1) & valid
-    hit = is_stop.any(dim=1)
-    first_stop = is_stop.to(torch.int64).argmax(dim=1)
-    keep = torch.where(hit, first_stop + 1, count)
-    stopped = hit & (keep <= room)
-    return torch.minimum(keep, room), stopped
-
-
-def write_tokens(buffer: torch.Tensor, written: torch.Tensor, emitted: torch.Tensor,
-                 keep: torch.Tensor) -> None:
-    """Append each row's first ``keep`` emitted tokens at ``written`` (in place).
-
-    The buffer has D+1 spare columns at the end so that a row with no room left can
-    write its discarded tokens there instead of branching.
-    """
-    slots = torch.arange(emitted.shape[1], device=emitted.device)[None, :]
-    spare = buffer.shape[1] - emitted.shape[1] + slots
-    target = torch.where(slots < keep[:, None], written[:, None] + slots, spare)
-    buffer.scatter_(1, target, emitted)
+    slots = torch.arange(emitted.shape[1], device=emitted.device)
+    is_stop = (emitted[:, :, None] == stop_token_ids[:, None, :]).any(-1)
+    first_stop = torch.where(is_stop, slots, emitted.shape[1]).amin(1)
+    limit = torch.minimum(count, budget - written)
+    keep = torch.minimum(first_stop + 1, limit) * active
+    stop_now = (first_stop < limit) & active
+    buffer.scatter_(1, written[:, None] + slots, emitted)
+    written += keep
+    stopped |= stop_now
+    finished |= stop_now | (written >= budget)
 
 
 def commit_single(buffer: torch.Tensor, written: torch.Tensor, budget: torch.Tensor,

@@ -35,7 +35,7 @@ from idlm.decoding import bookkeeping as book
 from idlm.decoding.acceptance import StepOutcome, verify_step
 from idlm.decoding.batch import CallShape, DecodeBatch, new_batch
 from idlm.decoding.kv_cache import RaggedKVCache
-from idlm.decoding.lean_forward import decoder_forward, gate_positions
+from idlm.decoding.lean_forward import decoder_forward, gate_positions, lm_head
 from idlm.decoding.requests import (
     DecodingError,
     GenerationRequest,
@@ -67,6 +67,7 @@ class DecodingEngine:
                  context_length: int | None = None) -> None:
         self.model = model.eval()
         self.decoder, self.head, config = decoder_parts(model)
+        self.logits = lm_head(self.head)   # hidden -> logits (the head, laid out for speed)
         self.mask_token_id = int(mask_token_id)
         self.pad_token_id = _pad_id(pad_token_id, config, self.mask_token_id)
         self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else _eos(config)
@@ -79,6 +80,8 @@ class DecodingEngine:
         self.cache_dtype = self.head.weight.dtype
         self.gated = _check_gate(self.decoder, self.mask_token_id)
         self.forwards_run = 0   # decoder calls so far (benchmarks divide wall time by it)
+        # The constant parts of uniform windows, by (rows, D, drafts checked).
+        self._layouts: dict[tuple[int, int, int], book.UniformLayout] = {}
         _check_full_attention(config)
         # The lean forward, or transformers' decoder with the reason (None when lean).
         self.decode_forward, self.forward_fallback = decoder_forward(
@@ -167,10 +170,31 @@ class DecodingEngine:
         if shape.width_drafts == 0:
             self._step_ar(batch, stop_string_ends)
             return
-        window = book.step_window(batch.pending, batch.drafts, batch.has_drafts,
-                                  batch.num_drafts, batch.lengths, self.mask_token_id,
-                                  self.pad_token_id, batch.max_checked)
+        window = self._uniform_window(batch, shape.width_drafts)
+        if window is None:
+            window = book.step_window(batch.pending, batch.drafts, batch.has_drafts,
+                                      batch.num_drafts, batch.lengths, self.mask_token_id,
+                                      self.pad_token_id, batch.max_checked)
         self._advance(batch, window, shape, stop_string_ends)
+
+    def _uniform_window(self, batch: DecodeBatch, width_drafts: int) -> book.Window | None:
+        """The common step in a few ops: every row drafts D and every row verifies D
+        drafts, or every row is on a cold start (what the host read last step says);
+        None otherwise (mixed strides, some rows cold: the general layout)."""
+        if batch.min_drafts != width_drafts:
+            return None
+        if batch.min_checked == width_drafts:
+            checked = width_drafts
+        elif batch.max_checked == 0:
+            checked = 0
+        else:
+            return None
+        layout = self._layouts.get((batch.rows, width_drafts, checked))
+        if layout is None:
+            layout = book.UniformLayout.build(batch.rows, width_drafts, checked,
+                                              self.mask_token_id, self.device)
+            self._layouts[(batch.rows, width_drafts, checked)] = layout
+        return layout.window(batch.pending, batch.drafts, batch.lengths)
 
     # ------------------------------------------------------------------ one step
     def _advance(self, batch: DecodeBatch, window: book.Window, shape: CallShape,
@@ -189,7 +213,7 @@ class DecodingEngine:
         # No MASK row: an adapter's gate stays off and the lean forward skips the LoRA.
         hidden = self.decode_forward(batch.pending[:, None], batch.lengths[:, None],
                                      batch.cache, batch.lengths, batch.max_length + 1, None)
-        logits = self.head(hidden)
+        logits = self.logits(hidden)
         if batch.all_greedy:
             token = logits[:, 0].argmax(-1)
         else:
@@ -204,7 +228,7 @@ class DecodingEngine:
                            active, batch.stopped, batch.finished)
         if written_before is not None:
             self._apply_stop_strings(batch, written_before, stop_string_ends)
-        batch.stats.forwards += active
+        batch.stats.record_unverified(active)
         batch.lengths += active
         batch.pending = token
         batch.step_index += 1
@@ -222,9 +246,13 @@ class DecodingEngine:
                                          algorithms.gate(window))
         else:
             hidden = self._shared_prefill(batch, window, *shared)
+        if window.logit_rows is not None:   # a uniform window: the rows are known
+            picked = hidden if window.logit_rows is book.ALL_ROWS else \
+                hidden.index_select(1, window.logit_rows)
+            return self.logits(picked)
         rows = book.logit_rows(window.anchor, window.num_checked, width_drafts, width)
         picked = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.head(picked)
+        return self.logits(picked)
 
     def _shared_prefill(self, batch: DecodeBatch, window: book.Window, first: torch.Tensor,
                         inverse: torch.Tensor) -> torch.Tensor:
@@ -253,20 +281,14 @@ class DecodingEngine:
         """Emit, stop, advance lengths and hand the MASK proposals to the next step."""
         active = ~batch.finished
         emitted, count = book.emitted_tokens(batch.drafts, outcome.accepted, outcome.token)
-        room = (batch.budget - batch.written).clamp_(min=0)
-        keep, stopped = book.stop_cut(emitted, count, batch.stop_ids, room)
-        keep = keep * active
-        book.write_tokens(batch.tokens, batch.written, emitted, keep)
-        batch.written += keep
-        batch.stopped |= active & stopped
-        batch.finished |= active & (stopped | (batch.written >= batch.budget))
-        batch.stats.record(active, batch.num_drafts, window.num_checked, outcome.accepted,
-                           outcome.all_accepted)
-        batch.lengths += (window.anchor + 1 + outcome.accepted) * active
+        book.commit_tokens(batch.tokens, batch.written, batch.budget, batch.stop_ids, emitted,
+                           count, active, batch.stopped, batch.finished)
+        batch.stats.record(active, window.num_checked, outcome.accepted, outcome.all_accepted)
+        batch.lengths += (window.anchor + count) * active
         batch.pending = outcome.token
         batch.drafts = outcome.next_drafts
         batch.draft_probs = outcome.next_draft_probs
-        batch.has_drafts = outcome.all_accepted & (batch.num_drafts > 0)
+        batch.has_drafts = outcome.all_accepted & batch.drafting
         batch.step_index += 1
 
     # ------------------------------------------------------------------ stop strings
@@ -301,12 +323,10 @@ class DecodingEngine:
         token_ids = batch.tokens[row, :written].tolist()
         stats = self._empty_stats(request)
         drafts = request.num_drafts
-        rounds = batch.stats.rounds[row].tolist()
-        stats.tokens, stats.forwards = written, int(batch.stats.forwards[row])
+        forwards, rounds, stats.tried, stats.accepted = batch.stats.summary(row, drafts)
+        stats.tokens, stats.forwards = written, forwards
         stats.full_accept_rounds = rounds[FULL_ACCEPT]
         stats.reject_rounds, stats.cold_start_rounds = rounds[REJECT], rounds[COLD_START]
-        stats.tried = batch.stats.tried[row, :drafts].tolist()
-        stats.accepted = batch.stats.accepted[row, :drafts].tolist()
         if batch.request_ids[row] in stop_string_ends:
             reason = "stop_string"
         else:

@@ -27,7 +27,7 @@ ungated or multi-adapter PEFT model, dynamic RoPE), the transformers decoder wit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -90,6 +90,9 @@ class LeanDecoder:
             self.layers = [self._layer(layer) for layer in decoder.layers]
         self.mask_delta = _mask_delta(token_gate, self.embed.dtype)
         self.gated = token_gate is not None
+        # The gated rows of the last ``drafting`` seen (a reused layout skips the search).
+        self._last_drafting: torch.Tensor | None = None
+        self._last_gated_rows: GatedRows | None = None
         self._tables(context_length + WINDOW_MARGIN)
 
     def _tables(self, key_length: int) -> None:
@@ -155,11 +158,17 @@ class LeanDecoder:
         LoRA can be skipped."""
         if not self.gated or drafting is None:
             return None
+        if drafting is self._last_drafting:   # a uniform window's layout, reused as is
+            return self._last_gated_rows
         gated_rows = drafting.reshape(-1).nonzero().squeeze(-1)
         if not gated_rows.numel():
-            return None
-        first, last = gated_rows[[0, -1]].tolist()
-        return slice(first, last + 1) if last - first + 1 == gated_rows.numel() else gated_rows
+            found: GatedRows | None = None
+        else:
+            first, last = gated_rows[[0, -1]].tolist()
+            found = slice(first, last + 1) if last - first + 1 == gated_rows.numel() \
+                else gated_rows
+        self._last_drafting, self._last_gated_rows = drafting, found
+        return found
 
     def _mask(self, lengths: torch.Tensor, width: int, key_length: int) -> torch.Tensor:
         """Additive [B, 1, W, K]: query i of row r sees slots <= lengths[r] + i (causal,
@@ -213,10 +222,14 @@ def _linear(inputs: torch.Tensor, weight: torch.Tensor, lora: GroupLora | None,
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's Qwen3RMSNorm op for op (in fp32, weight applied in the input dtype); the q/k
-    head norm passes one weight row per head. Fewer ops than F.rms_norm on CPU."""
-    if hidden.dtype == torch.float32:  # the casts are no-ops, but each is a dispatch
-        return weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps))
+    """HF's Qwen3RMSNorm (in fp32, weight applied in the input dtype); the q/k head norm
+    passes one weight row per head. In fp32, F.rms_norm gives HF's bits in one dispatch
+    instead of six (the tests check both)."""
+    if hidden.dtype == torch.float32:
+        size = (hidden.shape[-1],)
+        if weight.dim() == 1:
+            return F.rms_norm(hidden, size, weight, eps)
+        return weight * F.rms_norm(hidden, size, None, eps)
     upcast = hidden.float()
     normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(hidden.dtype)
@@ -249,6 +262,16 @@ def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
     where MKL multiplies a few rows by a contiguous [in, out] matrix about twice as fast as
     by its transpose (what F.linear does); a view elsewhere (cuBLAS takes either)."""
     return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+
+
+def lm_head(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LM head as ``hidden @ W`` with W laid out as ``_matmul_weight`` lays it out (on
+    CPU about 2.5x faster than F.linear at an ISD window's 7 rows; a copy there, like the
+    fused matrices); the module itself when it is not a bias-free nn.Linear."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return head
+    weight = _matmul_weight(head.weight.detach())
+    return lambda hidden: torch.matmul(hidden, weight)
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:

@@ -35,13 +35,19 @@ class GroupLora:
     down: torch.Tensor  # [in, sum of ranks]: the stacked A matrices
     # (B * scaling as [rank, out], its columns of the low-rank result, its output columns)
     ups: list[tuple[torch.Tensor, slice, slice]]
+    # One projection owns all of the group's columns (o, down): no column slicing.
+    whole: bool = False
 
     def add_to(self, output: torch.Tensor, inputs: torch.Tensor, rows: GatedRows) -> None:
         """``output[rows] += inputs[rows] @ A.T @ B.T * scaling``, in place."""
         if isinstance(rows, slice):
             low_rank = torch.mm(inputs[rows], self.down)
+            gated = output[rows]
+            if self.whole:
+                gated.addmm_(low_rank, self.ups[0][0])
+                return
             for up, ranks, outs in self.ups:
-                output[rows, outs].addmm_(low_rank[:, ranks], up)
+                gated[:, outs].addmm_(low_rank[:, ranks], up)
             return
         low_rank = torch.mm(inputs.index_select(0, rows), self.down)
         delta = low_rank.new_zeros(low_rank.shape[0], output.shape[1])
@@ -84,7 +90,8 @@ def _group(modules: list[nn.Module], dtype: torch.dtype) -> GroupLora | None:
             rank_start = rank_end
         out_start = out_end
     down = torch.cat([pair[0] for pair in pairs if pair is not None])
-    return GroupLora(down.t().to(dtype).contiguous(), ups)
+    whole = len(modules) == 1
+    return GroupLora(down.t().to(dtype).contiguous(), ups, whole)
 
 
 def _lora_pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

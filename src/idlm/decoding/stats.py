@@ -23,44 +23,57 @@ FULL_ACCEPT, REJECT, COLD_START = 0, 1, 2
 
 @dataclass
 class StatsTensors:
-    """Per-row counters kept on the device while a batch decodes."""
+    """Per-row outcome counts kept on the device while a batch decodes.
 
-    forwards: torch.Tensor   # [B]
-    rounds: torch.Tensor     # [B, 3] V / R / C
-    tried: torch.Tensor      # [B, D]
-    accepted: torch.Tensor   # [B, D]
+    One step adds 1 to one slot of its row, so recording is one scatter whatever D is:
+    slots ``0..D`` count rejecting verify rounds by drafts accepted k, slots ``D+1..2D+1``
+    full-accept rounds by k, the last slot forwards without a verify (cold starts, the
+    fused prefill, AR steps). Forwards, round kinds and per-position acceptance are read
+    from these counts when a request finishes (``summary``).
+    """
+
+    counts: torch.Tensor   # [B, 2D+3]
 
     @classmethod
     def zeros(cls, rows: int, width_drafts: int, device: torch.device | str) -> StatsTensors:
-        def counter(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.long, device=device)
+        return cls(torch.zeros(rows, 2 * width_drafts + 3, dtype=torch.long, device=device))
 
-        return cls(counter(rows), counter(rows, 3), counter(rows, width_drafts),
-                   counter(rows, width_drafts))
+    @property
+    def width_drafts(self) -> int:
+        return (self.counts.shape[1] - 3) // 2
 
-    def record(self, active: torch.Tensor, num_drafts: torch.Tensor, num_checked: torch.Tensor,
-               accepted: torch.Tensor, all_accepted: torch.Tensor) -> None:
-        """Add one step's outcome for the ``active`` rows (vectorised)."""
-        live = active.to(torch.long)
-        self.forwards += live
-        speculative = live * (num_drafts > 0)
-        verifying = speculative * (num_checked > 0)
-        kind = torch.where(num_checked > 0, torch.where(all_accepted, FULL_ACCEPT, REJECT),
-                           COLD_START)
-        self.rounds.scatter_add_(1, kind[:, None], speculative[:, None])
-        slots = torch.arange(self.tried.shape[1], device=active.device)[None, :]
-        tried = (slots < num_checked[:, None]) & (slots <= accepted[:, None])
-        self.tried += tried * verifying[:, None]
-        self.accepted += (slots < accepted[:, None]) * verifying[:, None]
+    def record(self, active: torch.Tensor, num_checked: torch.Tensor, accepted: torch.Tensor,
+               all_accepted: torch.Tensor) -> None:
+        """Add one step's outcome for the ``active`` rows (one scatter)."""
+        full = self.width_drafts + 1
+        slot = torch.where(num_checked > 0, accepted + full * all_accepted, 2 * full)
+        self.counts.scatter_add_(1, slot[:, None], active.to(torch.long)[:, None])
+
+    def record_unverified(self, active: torch.Tensor) -> None:
+        """A forward that verifies nothing (an AR step) for the ``active`` rows."""
+        self.counts[:, -1] += active
+
+    def summary(self, row: int, drafts: int) -> tuple[int, list[int], list[int], list[int]]:
+        """Row ``row``'s (forwards, rounds V/R/C, tried, accepted) over its first ``drafts``
+        positions; a row that drafts nothing (AR) has no rounds."""
+        counts = self.counts[row].tolist()
+        full = self.width_drafts + 1
+        rejecting, accepting, unverified = counts[:full], counts[full:2 * full], counts[-1]
+        forwards = sum(counts)
+        if drafts == 0:
+            return forwards, [0, 0, 0], [], []
+        rounds = [sum(accepting), sum(rejecting), unverified]
+        # Position i is tried when the i drafts before it passed: a rejecting round with
+        # k >= i tried it (and failed at k); a full-accept round tried positions < k.
+        tried = [sum(rejecting[i:]) + sum(accepting[i + 1:]) for i in range(drafts)]
+        accepted = [sum(rejecting[i + 1:]) + sum(accepting[i + 1:]) for i in range(drafts)]
+        return forwards, rounds, tried, accepted
 
     def select(self, rows: torch.Tensor) -> StatsTensors:
-        return StatsTensors(*(t.index_select(0, rows) for t in
-                              (self.forwards, self.rounds, self.tried, self.accepted)))
+        return StatsTensors(self.counts.index_select(0, rows))
 
     def concat(self, other: StatsTensors) -> StatsTensors:
-        return StatsTensors(*(torch.cat(pair) for pair in zip(
-            (self.forwards, self.rounds, self.tried, self.accepted),
-            (other.forwards, other.rounds, other.tried, other.accepted), strict=True)))
+        return StatsTensors(torch.cat([self.counts, other.counts]))
 
 
 @dataclass

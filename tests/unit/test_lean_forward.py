@@ -148,6 +148,23 @@ def test_gated_rows_match_the_peft_path(rows: int) -> None:
         assert (ours - theirs).abs().amax() <= 1e-5
 
 
+def test_ragged_gated_rows_match_the_peft_path() -> None:
+    """Rows whose MASK tails differ (an index of gated rows, not one tail per window)."""
+    from idlm.decoding.lean_forward import _gated_layout
+    from idlm.decoding.lean_lora import TailRows
+
+    gated = gated_model(seed=4)
+    lean, peft_path = forwards(gated)
+    steps = windows(seed=1)
+    for window in steps[1:]:
+        window[1, MASK_SLOTS.start] = 3   # row 1 drafts one token fewer
+    assert isinstance(_gated_layout(steps[1] == MASK_ID), torch.Tensor)
+    assert isinstance(_gated_layout(windows()[1] == MASK_ID), TailRows)
+    for ours, theirs in zip(run_windows(lean, gated, steps), run_windows(peft_path, gated, steps),
+                            strict=True):
+        assert (ours - theirs).abs().amax() <= 1e-5
+
+
 def test_no_gated_row_skips_the_adapter() -> None:
     """AR steps (no ``drafting``) and windows without MASK run the base's ops exactly."""
     base, gated = tiny_qwen3(seed=3), gated_model(seed=3)

@@ -37,7 +37,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
-from idlm.decoding.lean_lora import GatedRows, GroupLora, LayerLora, LeanUnsupported, layer_lora
+from idlm.decoding.lean_lora import (
+    GatedRows,
+    GroupLora,
+    LayerLora,
+    LeanUnsupported,
+    TailRows,
+    layer_lora,
+)
 
 # RoPE types whose tables depend on the sequence length: the fixed tables would be wrong.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -141,6 +148,8 @@ class LeanDecoder:
             # The same add as MaskEmbeddingDelta's, at the gated rows only.
             if isinstance(gated_rows, slice):
                 hidden[gated_rows] += self.mask_delta
+            elif isinstance(gated_rows, TailRows):
+                gated_rows.of(hidden).add_(self.mask_delta)
             else:
                 hidden.index_copy_(0, gated_rows, hidden.index_select(0, gated_rows)
                                    + self.mask_delta)
@@ -160,13 +169,7 @@ class LeanDecoder:
             return None
         if drafting is self._last_drafting:   # a uniform window's layout, reused as is
             return self._last_gated_rows
-        gated_rows = drafting.reshape(-1).nonzero().squeeze(-1)
-        if not gated_rows.numel():
-            found: GatedRows | None = None
-        else:
-            first, last = gated_rows[[0, -1]].tolist()
-            found = slice(first, last + 1) if last - first + 1 == gated_rows.numel() \
-                else gated_rows
+        found = _gated_layout(drafting)
         self._last_drafting, self._last_gated_rows = drafting, found
         return found
 
@@ -210,6 +213,24 @@ class LeanDecoder:
         half = self.head_dim // 2
         swapped = torch.cat([heads[..., half:], heads[..., :half]], dim=-1)
         return heads * cos + swapped * sin
+
+
+def _gated_layout(drafting: torch.Tensor) -> GatedRows | None:
+    """The gated rows of a [B, W] gate: None, a slice (contiguous), the same tail of every
+    window (``TailRows``), or an index."""
+    gated_rows = drafting.reshape(-1).nonzero().squeeze(-1)
+    if not gated_rows.numel():
+        return None
+    first, last = gated_rows[[0, -1]].tolist()
+    if last - first + 1 == gated_rows.numel():
+        return slice(first, last + 1)
+    rows, width = drafting.shape
+    start = first % width
+    tail = torch.zeros(width, dtype=torch.bool, device=drafting.device)
+    tail[start:] = True
+    if bool((drafting == tail).all()):
+        return TailRows(rows, width, start)
+    return gated_rows
 
 
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, lora: GroupLora | None,

@@ -20,8 +20,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The gated rows of one forward's flattened [B*W] rows.
-GatedRows = slice | torch.Tensor
+
+@dataclass(frozen=True)
+class TailRows:
+    """The same gated tail ``start..W-1`` in each of ``rows`` windows of width W (every
+    row drafting D after the same layout: a uniform window at batch > 1)."""
+
+    rows: int
+    width: int
+    start: int
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        """The tail of flat [B*W, ...] rows as a [B, W-start, ...] view."""
+        return flat.view(self.rows, self.width, *flat.shape[1:])[:, self.start:]
+
+
+# The gated rows of one forward's flattened [B*W] rows: a slice when contiguous (batch 1),
+# a per-row tail, or an index.
+GatedRows = slice | TailRows | torch.Tensor
 
 
 class LeanUnsupported(ValueError):
@@ -49,11 +65,24 @@ class GroupLora:
             for up, ranks, outs in self.ups:
                 gated[:, outs].addmm_(low_rank[:, ranks], up)
             return
+        if isinstance(rows, TailRows):
+            self._add_to_tails(output, inputs, rows)
+            return
         low_rank = torch.mm(inputs.index_select(0, rows), self.down)
         delta = low_rank.new_zeros(low_rank.shape[0], output.shape[1])
         for up, ranks, outs in self.ups:
             delta[:, outs] = torch.mm(low_rank[:, ranks], up)
         output.index_add_(0, rows, delta)
+
+    def _add_to_tails(self, output: torch.Tensor, inputs: torch.Tensor, rows: TailRows
+                      ) -> None:
+        """The update added in place through a strided view of each window's tail."""
+        low_rank = torch.mm(rows.of(inputs).reshape(-1, inputs.shape[1]), self.down)
+        gated = rows.of(output)
+        for up, ranks, outs in self.ups:
+            delta = torch.mm(low_rank if self.whole else low_rank[:, ranks], up)
+            target = gated if self.whole else gated[..., outs]
+            target += delta.view(target.shape)
 
 
 @dataclass

@@ -279,6 +279,9 @@ def write_prompt_file(plan: LoadPlan, path: Path) -> Path:
     return path
 
 
+START_DELAY_SETTING = "GUIDELLM__SCHEDULER_START_DELAY_NON_DISTRIBUTED"
+
+
 def run_guidellm(plan: LoadPlan, target: str, workdir: Path,
                  timeout_s: float | None = None) -> list[LevelRun]:
     """Run guidellm's CLI on ``target`` and parse its JSON report (kept in ``workdir``)."""
@@ -290,9 +293,13 @@ def run_guidellm(plan: LoadPlan, target: str, workdir: Path,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GUIDELLM__MP_CONTEXT_TYPE": "forkserver",
            "GUIDELLM__LOGGING__LOG_FILE": str(workdir / "guidellm.log")}
+    # guidellm waits 1 s after its workers are up before each sub-benchmark; they are up
+    # (it waits on a barrier first), so 0.1 s: 12 sub-benchmarks per arm.
+    env.setdefault(START_DELAY_SETTING, "0.1")
     if plan.generator_workers is not None:
         env["GUIDELLM__MAX_WORKER_PROCESSES"] = str(plan.generator_workers)
-    command = [str(Path(sys.executable).parent / "guidellm"), "run", "--scenario",
+    # guidellm's CLI with its forkserver preloaded (guidellm_launch.py says why).
+    command = [sys.executable, "-m", "idlm.serving.guidellm_launch", "run", "--scenario",
                str(scenario_path), "--disable-console-interactive"]
     with open(workdir / "guidellm.out", "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -1,0 +1,20 @@
+"""The gate starts guidellm through ``idlm.serving.guidellm_launch`` (its CLI with the
+forkserver preloaded): the launcher must be guidellm's CLI, arguments and exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import version
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "idlm.serving.guidellm_launch", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_launcher_is_guidellms_cli() -> None:
+    done = launch("--version")
+    assert done.returncode == 0, done.stderr
+    assert version("guidellm") in done.stdout
+    assert launch("run", "--no-such-option").returncode != 0

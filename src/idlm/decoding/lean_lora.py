@@ -49,40 +49,51 @@ class GroupLora:
     """The low-rank update of one fused projection group."""
 
     down: torch.Tensor  # [in, sum of ranks]: the stacked A matrices
-    # (B * scaling as [rank, out], its columns of the low-rank result, its output columns)
-    ups: list[tuple[torch.Tensor, slice, slice]]
-    # One projection owns all of the group's columns (o, down): no column slicing.
-    whole: bool = False
+    # (B * scaling as [rank, out], its part of the low-rank result, its output part)
+    ups: list[tuple[torch.Tensor, int, int]]
+    rank_sizes: list[int]   # the low-rank result's parts (one per projection with LoRA)
+    out_sizes: list[int]    # the output's parts (one per projection of the group)
+
+    @property
+    def whole(self) -> bool:
+        """One projection owns all of the group's columns (o, down): no splitting."""
+        return len(self.out_sizes) == 1
 
     def add_to(self, output: torch.Tensor, inputs: torch.Tensor, rows: GatedRows) -> None:
         """``output[rows] += inputs[rows] @ A.T @ B.T * scaling``, in place."""
+        if isinstance(rows, torch.Tensor):
+            self._add_at_index(output, inputs, rows)
+            return
         if isinstance(rows, slice):
-            low_rank = torch.mm(inputs[rows], self.down)
-            gated = output[rows]
-            if self.whole:
-                gated.addmm_(low_rank, self.ups[0][0])
-                return
-            for up, ranks, outs in self.ups:
-                gated[:, outs].addmm_(low_rank[:, ranks], up)
+            low_rank, gated = torch.mm(inputs[rows], self.down), output[rows]
+        else:
+            low_rank = torch.mm(rows.of(inputs).reshape(-1, inputs.shape[1]), self.down)
+            gated = rows.of(output)
+        if self.whole:
+            _add_product(gated, low_rank, self.ups[0][0])
             return
-        if isinstance(rows, TailRows):
-            self._add_to_tails(output, inputs, rows)
-            return
+        # One split per side (each part a view) instead of two slicing ops per projection.
+        lows, outs = low_rank.split(self.rank_sizes, dim=1), gated.split(self.out_sizes, -1)
+        for up, rank_part, out_part in self.ups:
+            _add_product(outs[out_part], lows[rank_part], up)
+
+    def _add_at_index(self, output: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor
+                      ) -> None:
         low_rank = torch.mm(inputs.index_select(0, rows), self.down)
         delta = low_rank.new_zeros(low_rank.shape[0], output.shape[1])
-        for up, ranks, outs in self.ups:
-            delta[:, outs] = torch.mm(low_rank[:, ranks], up)
+        lows, outs = low_rank.split(self.rank_sizes, dim=1), delta.split(self.out_sizes, 1)
+        for up, rank_part, out_part in self.ups:
+            outs[out_part].addmm_(lows[rank_part], up)
         output.index_add_(0, rows, delta)
 
-    def _add_to_tails(self, output: torch.Tensor, inputs: torch.Tensor, rows: TailRows
-                      ) -> None:
-        """The update added in place through a strided view of each window's tail."""
-        low_rank = torch.mm(rows.of(inputs).reshape(-1, inputs.shape[1]), self.down)
-        gated = rows.of(output)
-        for up, ranks, outs in self.ups:
-            delta = torch.mm(low_rank if self.whole else low_rank[:, ranks], up)
-            target = gated if self.whole else gated[..., outs]
-            target += delta.view(target.shape)
+
+def _add_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``target += left @ right`` in place; ``target`` is a 2-D view (one addmm) or a
+    [B, T, out] view of window tails (the product's rows in the same order)."""
+    if target.dim() == 2:
+        target.addmm_(left, right)
+    else:
+        target += torch.mm(left, right).view(target.shape)
 
 
 @dataclass
@@ -108,19 +119,14 @@ def _group(modules: list[nn.Module], dtype: torch.dtype) -> GroupLora | None:
     pairs = [_lora_pair(module) for module in modules]
     if all(pair is None for pair in pairs):
         return None
-    ups = []
-    rank_start = out_start = 0
-    for pair, module in zip(pairs, modules, strict=True):
-        out_end = out_start + _out_features(module)
+    ups, rank_sizes = [], []
+    for out_part, pair in enumerate(pairs):
         if pair is not None:
-            rank_end = rank_start + pair[0].shape[0]
-            ups.append((pair[1].t().to(dtype).contiguous(), slice(rank_start, rank_end),
-                        slice(out_start, out_end)))
-            rank_start = rank_end
-        out_start = out_end
+            ups.append((pair[1].t().to(dtype).contiguous(), len(rank_sizes), out_part))
+            rank_sizes.append(pair[0].shape[0])
     down = torch.cat([pair[0] for pair in pairs if pair is not None])
-    whole = len(modules) == 1
-    return GroupLora(down.t().to(dtype).contiguous(), ups, whole)
+    return GroupLora(down.t().to(dtype).contiguous(), ups, rank_sizes,
+                     [_out_features(module) for module in modules])
 
 
 def _lora_pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

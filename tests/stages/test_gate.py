@@ -5,12 +5,13 @@ same measurements with a speedup no model reaches fail with the table of misses.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from idlm import config
-from idlm.serving.gate import conclude, read_registered
+from idlm.serving.gate import arm_targets, conclude, load_plan, measure_arms, read_registered
 from idlm.serving.gate_decision import read_scores
 from idlm.stage import StageError
 from tests.workspace import PROFILE
@@ -38,6 +39,7 @@ def test_guidellm_measured_every_arm_at_every_level(gate) -> None:
             assert 0 < level["tpot_p50_ms"] <= level["tpot_p99_ms"]
     assert report["setup"]["requests_per_level"] == {"1": 2, "2": 2}
     assert report["setup"]["start_together"] is True  # three servers, started at once
+    assert report["setup"]["interleaved"] is True
     assert report["setup"]["arms"]["isd"].startswith("idlm serve --mode isd --model ")
     decoding = report["setup"]["decoding"]     # each server's /metrics after the load
     assert decoding["ar"]["tokens_per_forward"] == 1.0
@@ -51,13 +53,31 @@ def test_every_request_got_exactly_the_asked_tokens_from_our_prompts(gate) -> No
     prompts = [json.dumps(json.loads(line)["prompt"])[1:-1] for line in
                cfg.out("prepare", "eval_items.jsonl").read_text().splitlines()]
     for arm in ARMS:
-        raw = json.loads(cfg.out("gate", "loadtest", arm, "guidellm.json").read_text())
-        assert [b["config"]["strategy"]["streams"] for b in raw["benchmarks"]] == [1, 2]
-        requests = [r for b in raw["benchmarks"] for r in b["requests"]["successful"]]
+        raw = [json.loads(cfg.out("gate", "loadtest", arm, "repeat-0", f"c{level}",
+                                  "guidellm.json").read_text()) for level in (1, 2)]
+        benchmarks = [b for report in raw for b in report["benchmarks"]]
+        assert [b["config"]["strategy"]["streams"] for b in benchmarks] == [1, 2]
+        requests = [r for b in benchmarks for r in b["requests"]["successful"]]
         assert len(requests) == 4
         assert {r["output_tokens"] for r in requests} == {cfg.gate.output_tokens}  # ignore_eos
         assert all(any(p in r["request_args"] for p in prompts) for r in requests)
         assert (cfg.out("gate", "loadtest", arm, "server.log")).is_file()
+
+
+def test_the_arms_take_turns_within_each_repeat(gate, tmp_path: Path) -> None:
+    """Two arms, one level, two repeats: guidellm loads AR, ISD, AR, ISD (its own start
+    times), and each arm's summary holds both repeats."""
+    cfg, _ = gate
+    targets = [target for target in arm_targets(cfg) if target.name in ("ar", "isd")]
+    plan = replace(load_plan(cfg, targets), concurrencies=(1,), repeats=2, min_requests=1)
+    measured = measure_arms(targets, plan, cfg.gate, tmp_path)
+    for levels, stats in measured.values():
+        assert [run["repeat"] for run in levels[1]["runs"]] == [0, 1]
+        assert levels[1]["successful"] == 2 and stats is not None
+    starts = [json.loads((tmp_path / arm / f"repeat-{repeat}" / "c1" / "guidellm.json")
+                         .read_text())["benchmarks"][0]["start_time"]
+              for repeat in (0, 1) for arm in ("ar", "isd")]
+    assert starts == sorted(starts)
 
 
 def test_fail_names_what_missed_and_leaves_the_alias(gate, tmp_path: Path) -> None:

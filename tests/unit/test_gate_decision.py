@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from idlm.serving.gate_decision import Thresholds, decide, misses_table, read_scores, speedups
+from idlm.serving.gate_report import markdown
 from idlm.serving.loadtest import LevelRun, summarise
 
 PAPER = Thresholds(min_speedup={"isd": {1: 2.30, 64: 1.34}, "risd": {1: 2.0}},
@@ -140,6 +141,22 @@ def test_read_scores_missing_file_is_empty_and_bad_json_is_one_line(tmp_path: Pa
     bad.write_text("{not json")
     with pytest.raises(StageError, match="is not valid JSON.*rerun the evaluate stage"):
         read_scores(bad)
+
+
+def test_repeats_measured_in_turn_give_the_median_paired_ratio() -> None:
+    """Repeat 1 ran on a slower machine for both arms: the paired ratios are 2.0, 2.0 and
+    1.5 (median 2.0); the ratio of the medians (240 / 150 = 1.6) would mix the repeats."""
+    def runs(*tok_s: float) -> dict:
+        return {**level(sorted(tok_s)[1]),
+                "runs": [{"repeat": r, "per_request_tok_s": t} for r, t in enumerate(tok_s)]}
+
+    measured = {"ar": {1: runs(150.0, 100.0, 160.0)}, "isd": {1: runs(300.0, 200.0, 240.0)}}
+    assert speedups(measured)["isd"][1] == pytest.approx(2.0)
+    decision = decide(measured, Thresholds(min_speedup={"isd": {1: 2.0}}), SCORES, ("isd",))
+    assert decision.passed
+    assert "- I-DLM (ISD): C=1 2.00 / 2.00 / 1.50" in markdown(measured, decision, {}, [])
+    unpaired = {"ar": measured["ar"], "isd": {1: {**measured["isd"][1], "runs": []}}}
+    assert speedups(unpaired)["isd"][1] == pytest.approx(240 / 150)
 
 
 def test_summarise_takes_medians_over_repeats() -> None:

@@ -3,9 +3,14 @@ deltas from ``evaluate``, and promote the exported bundles only if every check p
 
 Method. Each arm is served by the same engine with the same flags (``idlm serve --mode
 ar|isd|risd`` on a free port, or an external SGLang URL per arm) and loaded by guidellm
-(``loadtest``) at each concurrency level, ``repeats`` times, interleaved; the gate takes the
-median over repeats. Per arm and level it records per-request tok/s, server output tok/s,
-TTFT and TPOT p50/p99 and errors.
+(``loadtest``) at each concurrency level, ``repeats`` times; the gate takes the median over
+repeats. When every arm is up at once (``start_together``, or URLs), the arms take turns:
+AR, ISD, R-ISD at C=1, then at C=4, ..., then the next repeat, so a machine whose speed
+drifts over minutes slows every arm alike instead of the arm measured last (seen on shared CPUs:
+the same weights gave ISD 2.20x and 1.86x at C=1 in two runs measured arm after arm).
+Otherwise (one GPU holds one arm at a time) each arm runs all its repeats in turn. Per arm
+and level it records per-request tok/s, server output tok/s, TTFT and TPOT p50/p99 and
+errors.
 
 Why per-request tok/s is the gated figure: it is the paper's (I-DLM-8B vs Qwen3-8B on one
 H100: 326 vs 142 tok/s at C=1, 2.30x; 125 vs 93 at C=64, 1.34x). It is what one user
@@ -137,23 +142,27 @@ def measure_arms(targets: list[ArmTarget], plan: Any, gate: Any,
                  workdir: Path) -> dict[str, tuple[dict[int, Any], dict[str, Any] | None]]:
     """Serve (or reach) every arm, then one at a time warm it up and load it with guidellm:
     per arm, the summary per level and the server's decoding statistics (TPF, acceptance)
-    where it reports them. ``gate.start_together``: the `idlm serve` arms start at once
-    and are all up before the first is measured; otherwise each starts when measured."""
+    where it reports them. ``gate.start_together``: the `idlm serve` arms start at once,
+    are all up before the first is measured, and take turns per repeat (``_interleaved``);
+    otherwise each starts when measured and runs all its repeats."""
     from contextlib import ExitStack
 
     from idlm.serving import loadtest
 
     local = [t for t in targets if t.url is None]
-    together = gate.start_together and len(local) > 1
+    together = gate.start_together or not local
     measured = {}
     with ExitStack() as stack:
         urls = {t.name: t.url for t in targets if t.url is not None}
-        if together:
+        if together and local:
             LOG.info("gate: starting %s together", ", ".join(t.name for t in local))
             started = stack.enter_context(loadtest.idlm_servers(
                 [_server_spec(t, gate, workdir) for t in local], gate.startup_timeout_s,
                 gate.server_threads))
             urls.update(zip((t.name for t in local), started, strict=True))
+        if together:
+            return _interleaved([(t.name, urls[t.name]) for t in targets], plan, gate,
+                                workdir)
         for target in targets:
             LOG.info("gate: measuring arm %s", target.name)
             if target.name in urls:
@@ -164,6 +173,34 @@ def measure_arms(targets: list[ArmTarget], plan: Any, gate: Any,
                                        gate.startup_timeout_s, gate.server_threads) as (url,):
                 measured[target.name] = _load(url, plan, workdir / target.name)
     return measured
+
+
+def _interleaved(arms: list[tuple[str, str]], plan: Any, gate: Any, workdir: Path
+                 ) -> dict[str, tuple[dict[int, Any], dict[str, Any] | None]]:
+    """Warm every arm up, then one guidellm pass per (repeat, level, arm): at each level
+    of each repeat the arms in turn, so the two sides of a ratio are measured seconds
+    apart; all passes in one guidellm process. Each pass in ``<arm>/repeat-<r>/c<C>/``,
+    guidellm's output in ``guidellm.out``."""
+    from dataclasses import replace
+
+    from idlm.serving import loadtest
+
+    for _, url in arms:
+        loadtest.wait_until_ready(url, gate.startup_timeout_s)
+        loadtest.warm_up(url, plan)
+    order = [(repeat, level, name, url) for repeat in range(plan.repeats)
+             for level in plan.concurrencies for name, url in arms]
+    LOG.info("gate: measuring %s in turn at each level, %d repeat(s)",
+             ", ".join(n for n, _ in arms), plan.repeats)
+    passes = loadtest.run_guidellm_passes(
+        [(replace(plan, concurrencies=(level,), repeats=1), url,
+          workdir / name / f"repeat-{repeat}" / f"c{level}")
+         for repeat, level, name, url in order], workdir)
+    runs: dict[str, list[Any]] = {name: [] for name, _ in arms}
+    for (repeat, _, name, _), passed in zip(order, passes, strict=True):
+        runs[name] += [replace(run, repeat=repeat) for run in passed]
+    return {name: (loadtest.summarise(runs[name]), loadtest.decoding_stats(url))
+            for name, url in arms}
 
 
 def _load(url: str, plan: Any, workdir: Path) -> tuple[dict[int, Any], dict[str, Any] | None]:
@@ -273,6 +310,7 @@ def _setup(cfg: Any, plan: Any, targets: list[ArmTarget]) -> dict[str, Any]:
             "stride": cfg.gate.stride, "request_format": plan.request_format,
             "temperature": plan.temperature, "server_args": list(cfg.gate.server_args),
             "start_together": cfg.gate.start_together,
+            "interleaved": cfg.gate.start_together or all(t.url for t in targets),
             "prompts": (f"{cfg.gate.prompt_file} ({len(plan.prompts)})" if plan.prompts
                         else f"synthetic, {plan.prompt_tokens} tokens"),
             "requests_per_level": {str(c): plan.requests_at(c) for c in plan.concurrencies},

@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from idlm.stage import StageError
@@ -61,7 +62,12 @@ def _levels(per_arm: Mapping[Any, Any]) -> dict[int, dict[str, Any]]:
 
 
 def speedups(measurements: Mapping[str, Mapping[Any, Any]]) -> dict[str, dict[int, float]]:
-    """Per-request tok/s of each arm over AR's at the same level (levels both measured)."""
+    """Per-request tok/s of each arm over AR's at the same level (levels both measured).
+
+    Where both levels list their repeats (``runs``) with the same repeat numbers, the
+    figure is the median over repeats of the paired ratio, arm over AR in the same repeat:
+    the gate measures the arms in turn within a repeat, so a pair shares the machine's
+    state and the ratio cancels drift between repeats. Otherwise the ratio of medians."""
     if BASELINE not in measurements:
         return {}
     base = _levels(measurements[BASELINE])
@@ -69,10 +75,18 @@ def speedups(measurements: Mapping[str, Mapping[Any, Any]]) -> dict[str, dict[in
     for arm, per_arm in measurements.items():
         if arm == BASELINE:
             continue
-        result[arm] = {level: figures["per_request_tok_s"] / base[level]["per_request_tok_s"]
+        result[arm] = {level: _speedup(figures, base[level])
                        for level, figures in sorted(_levels(per_arm).items())
                        if level in base and base[level]["per_request_tok_s"] > 0}
     return result
+
+
+def _speedup(arm: Mapping[str, Any], base: Mapping[str, Any]) -> float:
+    base_runs = {run["repeat"]: run["per_request_tok_s"] for run in base.get("runs") or ()}
+    arm_runs = {run["repeat"]: run["per_request_tok_s"] for run in arm.get("runs") or ()}
+    if base_runs and arm_runs.keys() == base_runs.keys() and all(base_runs.values()):
+        return median(arm_runs[repeat] / base_runs[repeat] for repeat in sorted(base_runs))
+    return arm["per_request_tok_s"] / base["per_request_tok_s"]
 
 
 def quality_deltas(scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

@@ -37,10 +37,11 @@ def metrics(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decisio
 def markdown(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decision: Decision,
              setup: Mapping[str, Any], promoted: list[dict[str, Any]]) -> str:
     verdict = "PASS" if decision.passed else "FAIL"
+    turns = ", the arms in turn per repeat" if setup.get("interleaved") else ""
     lines = [f"# Gate: {verdict}", "",
              f"Load: guidellm {setup.get('guidellm', '?')}, concurrent streams "
              f"{setup.get('concurrencies', '?')}, {setup.get('repeats', '?')} repeats "
-             f"(medians), {setup.get('output_tokens', '?')} output tokens per request, "
+             f"(medians{turns}), {setup.get('output_tokens', '?')} output tokens per request, "
              f"stride N={setup.get('stride', '?')}, prompts: {setup.get('prompts', '?')}.", "",
              "| arm | C | per-request tok/s | speedup | output tok/s | TTFT p50/p99 ms "
              "| TPOT p50/p99 ms | ok / errors |",
@@ -55,6 +56,7 @@ def markdown(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decisi
                 f"{shown} | {v['output_tok_s']:.1f} | {v['ttft_p50_ms']:.0f} / "
                 f"{v['ttft_p99_ms']:.0f} | {v['tpot_p50_ms']:.1f} / {v['tpot_p99_ms']:.1f} | "
                 f"{v['successful']} / {v['errored']} |")
+    lines += _repeat_ratios(measurements)
     decoding = setup.get("decoding") or {}
     if decoding:
         per_arm = ", ".join(f"{ARM_TITLES.get(arm, arm)} {stats['tokens_per_forward']:.2f}"
@@ -73,6 +75,27 @@ def markdown(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decisi
     else:
         lines += ["", "Registry alias untouched."]
     return "\n".join(lines) + "\n"
+
+
+def _repeat_ratios(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]]) -> list[str]:
+    """Lines of each arm's per-repeat tok/s over AR's in the same repeat (the speedup is
+    their median), so the spread a verdict rests on is on the page."""
+    base = {int(level): {run["repeat"]: run["per_request_tok_s"] for run in v.get("runs") or ()}
+            for level, v in measurements.get(BASELINE, {}).items()}
+    lines = []
+    for arm, per_arm in measurements.items():
+        if arm == BASELINE:
+            continue
+        cells = []
+        for level, v in _by_level(per_arm):
+            pairs = [(run["per_request_tok_s"], base.get(level, {}).get(run["repeat"]))
+                     for run in v.get("runs") or ()]
+            if pairs and all(ar for _, ar in pairs):
+                cells.append(f"C={level} " + " / ".join(f"{t / ar:.2f}" for t, ar in pairs))
+        if cells:
+            lines.append(f"- {ARM_TITLES.get(arm, arm)}: " + "; ".join(cells))
+    return ["", "Speedup in each repeat (the table gives their median):", "", *lines] \
+        if lines else []
 
 
 def plot(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], out_path: Path,

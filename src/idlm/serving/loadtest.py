@@ -284,31 +284,52 @@ START_DELAY_SETTING = "GUIDELLM__SCHEDULER_START_DELAY_NON_DISTRIBUTED"
 
 def run_guidellm(plan: LoadPlan, target: str, workdir: Path,
                  timeout_s: float | None = None) -> list[LevelRun]:
-    """Run guidellm's CLI on ``target`` and parse its JSON report (kept in ``workdir``)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    prompt_file = write_prompt_file(plan, workdir / "prompts.jsonl") if plan.prompts else None
-    report = workdir / "guidellm.json"
-    scenario_path = workdir / "scenario.json"
-    scenario_path.write_text(json.dumps(scenario(plan, target, prompt_file, report), indent=2))
+    """Run guidellm on ``target`` and parse its JSON report (kept in ``workdir``)."""
+    return run_guidellm_passes([(plan, target, workdir)], workdir, timeout_s)[0]
+
+
+def run_guidellm_passes(passes: Sequence[tuple[LoadPlan, str, Path]], log_dir: Path,
+                        timeout_s: float | None = None) -> list[list[LevelRun]]:
+    """One guidellm pass per (plan, target, workdir), in order, in one guidellm process
+    (``guidellm_launch passes``); each pass's scenario, prompts and report in its workdir,
+    guidellm's output in ``log_dir/guidellm.out``. The parsed runs of each pass."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    scenarios = [_write_pass(*one) for one in passes]
+    plan = passes[0][0]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GUIDELLM__MP_CONTEXT_TYPE": "forkserver",
-           "GUIDELLM__LOGGING__LOG_FILE": str(workdir / "guidellm.log")}
+           "GUIDELLM__LOGGING__LOG_FILE": str(log_dir / "guidellm.log")}
     # guidellm waits 1 s after its workers are up before each sub-benchmark; they are up
-    # (it waits on a barrier first), so 0.1 s: 12 sub-benchmarks per arm.
+    # (it waits on a barrier first), so 0.1 s: the gate runs dozens of sub-benchmarks.
     env.setdefault(START_DELAY_SETTING, "0.1")
     if plan.generator_workers is not None:
         env["GUIDELLM__MAX_WORKER_PROCESSES"] = str(plan.generator_workers)
-    # guidellm's CLI with its forkserver preloaded (guidellm_launch.py says why).
-    command = [sys.executable, "-m", "idlm.serving.guidellm_launch", "run", "--scenario",
-               str(scenario_path), "--disable-console-interactive"]
-    with open(workdir / "guidellm.out", "w") as log:
+    # guidellm with its forkserver preloaded, all passes in one start (guidellm_launch.py).
+    command = [sys.executable, "-m", "idlm.serving.guidellm_launch", "passes",
+               *map(str, scenarios)]
+    output = log_dir / "guidellm.out"
+    with open(output, "w") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                               timeout=timeout_s, check=False)
-    if done.returncode != 0 or not report.is_file():
+    reports = [workdir / "guidellm.json" for _, _, workdir in passes]
+    failed = next((index for index, report in enumerate(reports) if not report.is_file()),
+                  None)
+    if done.returncode != 0 or failed is not None:
+        target = passes[failed if failed is not None else -1][1]
         raise StageError(f"guidellm failed on {target} (exit {done.returncode}): "
-                         f"{_tail(workdir / 'guidellm.out', 3)} (full log: "
-                         f"{workdir / 'guidellm.out'})")
-    return parse_report(json.loads(report.read_text()))
+                         f"{_tail(output, 3)} (full log: {output})")
+    return [parse_report(json.loads(report.read_text())) for report in reports]
+
+
+def _write_pass(plan: LoadPlan, target: str, workdir: Path) -> Path:
+    """A pass's prompt file and scenario in ``workdir`` (its report goes there too)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompt_file = write_prompt_file(plan, workdir / "prompts.jsonl") if plan.prompts else None
+    report = workdir / "guidellm.json"
+    report.unlink(missing_ok=True)
+    scenario_path = workdir / "scenario.json"
+    scenario_path.write_text(json.dumps(scenario(plan, target, prompt_file, report), indent=2))
+    return scenario_path
 
 
 def parse_report(report: dict[str, Any]) -> list[LevelRun]:

@@ -18,3 +18,9 @@ def test_the_launcher_is_guidellms_cli() -> None:
     assert done.returncode == 0, done.stderr
     assert version("guidellm") in done.stdout
     assert launch("run", "--no-such-option").returncode != 0
+
+
+def test_passes_refuses_missing_scenarios_in_one_line(tmp_path) -> None:
+    done = launch("passes", str(tmp_path / "absent.json"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "absent.json" in done.stderr

@@ -53,12 +53,18 @@ class SyntheticData(Section):
         "code": 0.15,
         "instruction": 0.15,
     }
+    # The held-out set's mix (what evaluate, verify and the gate measure on); None: ``mix``.
+    # Separate so that training's share of each kind is a recipe choice that leaves the
+    # held-out items, drawn from their own seed stream, byte-identical.
+    eval_mix: dict[Literal["arithmetic", "multiple_choice", "code", "instruction"],
+                   Annotated[float, Field(ge=0)]] | None = None
 
     @model_validator(mode="after")
     def _some_mix(self) -> SyntheticData:
-        if sum(self.mix.values()) <= 0:
-            raise ValueError(f"key 'prepare.synthetic.mix': weights sum to 0 (got {self.mix}); "
-                             "allowed: weights >= 0 with a positive sum")
+        for key, mix in (("mix", self.mix), ("eval_mix", self.eval_mix)):
+            if mix is not None and sum(mix.values()) <= 0:
+                raise ValueError(f"key 'prepare.synthetic.{key}': weights sum to 0 (got "
+                                 f"{mix}); allowed: weights >= 0 with a positive sum")
         return self
 
 

@@ -56,6 +56,16 @@ def test_held_out_prompts_are_unique_and_never_in_train(
     assert set(Counter(item["kind"] for item in held_out)) == set(MIX)
 
 
+def test_eval_mix_draws_the_held_out_set_and_train_follows_mix() -> None:
+    """Training's shares can change while the held-out items stay byte-identical."""
+    shifted = {"arithmetic": 0.4, "multiple_choice": 0.3, "code": 0.1, "instruction": 0.2}
+    train, held_out = generate_splits(500, 40, shifted, seed=0, eval_mix=MIX)
+    assert json.dumps(held_out) == json.dumps(generate_splits(500, 40, MIX, seed=0)[1])
+    assert Counter(item["kind"] for item in train) == {
+        "arithmetic": 200, "multiple_choice": 150, "code": 50, "instruction": 100}
+    assert not {item["prompt"] for item in held_out} & {item["prompt"] for item in train}
+
+
 ADD = re.compile(r"(?:buys|finds|gets|wins) (\d+) more")
 SUB = re.compile(r"(?:gives (\d+) away|loses (\d+)|sells (\d+)|uses (\d+))")
 

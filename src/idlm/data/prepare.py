@@ -67,7 +67,8 @@ def _synthetic_sources(cfg: Config) -> Sources:
     spec = cfg.prepare.synthetic
     started = time.perf_counter()
     train_items, eval_items = generate_splits(spec.train_size, spec.eval_size, spec.mix,
-                                              cfg.seed, progress=sys.stderr.isatty())
+                                              cfg.seed, progress=sys.stderr.isatty(),
+                                              eval_mix=spec.eval_mix)
     _log(f"generated {len(train_items)} train + {len(eval_items)} eval items "
          f"in {time.perf_counter() - started:.1f}s")
 

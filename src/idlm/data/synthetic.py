@@ -243,14 +243,17 @@ def generate_items(size: int, mix: Mapping[str, float], seed: int, split: str,
 
 
 def generate_splits(train_size: int, eval_size: int, mix: Mapping[str, float], seed: int,
-                    progress: bool = False) -> tuple[list[Item], list[Item]]:
-    """Train items and held-out eval items; no eval prompt ever occurs in train.
+                    progress: bool = False, eval_mix: Mapping[str, float] | None = None
+                    ) -> tuple[list[Item], list[Item]]:
+    """Train items (``mix``) and held-out eval items (``eval_mix``, default ``mix``); no
+    eval prompt ever occurs in train.
 
     The eval set is drawn first (unique prompts), and train redraws any prompt in it:
-    that keeps the eval set an unbiased sample of the mix even for task types with few
+    that keeps the eval set an unbiased sample of its mix even for task types with few
     distinct prompts, which excluding train prompts from eval would silently drop.
     """
-    held_out = generate_items(eval_size, mix, seed, "eval", unique=True, progress=progress)
+    held_out = generate_items(eval_size, eval_mix or mix, seed, "eval", unique=True,
+                              progress=progress)
     eval_prompts = frozenset(item["prompt"] for item in held_out)
     train = generate_items(train_size, mix, seed, "train", exclude_prompts=eval_prompts,
                            progress=progress)

@@ -68,6 +68,9 @@ def test_the_arms_take_turns_within_each_repeat(gate, tmp_path: Path) -> None:
     """Two arms, one level, two repeats: guidellm loads AR, ISD, AR, ISD (its own start
     times), and each arm's summary holds both repeats."""
     cfg, _ = gate
+    # The workspace's own prompts, wherever the test runs from (the path is relative).
+    prompts = str(cfg.out("prepare", "eval_items.jsonl"))
+    cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"prompt_file": prompts})})
     targets = [target for target in arm_targets(cfg) if target.name in ("ar", "isd")]
     plan = replace(load_plan(cfg, targets), concurrencies=(1,), repeats=2, min_requests=1)
     measured = measure_arms(targets, plan, cfg.gate, tmp_path)

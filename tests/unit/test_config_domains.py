@@ -29,8 +29,9 @@ from idlm import cli, config
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
 # Representative keys under dict-valued fields (the walker needs one concrete key).
-DICT_KEYS = {"mix": "arithmetic", "stage_retries": "ic", "min_speedup": "isd",
-             "quality_drop_overrides": "gsm8k", "endpoints": "ar", "overrides": "gsm8k"}
+DICT_KEYS = {"mix": "arithmetic", "eval_mix": "arithmetic", "stage_retries": "ic",
+             "min_speedup": "isd", "quality_drop_overrides": "gsm8k", "endpoints": "ar",
+             "overrides": "gsm8k"}
 # Settings a new dict entry needs besides the value under test.
 REQUIRED = {"evaluate.endpoints.ar.": ["evaluate.endpoints.ar.url=http://localhost:1"]}
 # List items are overridden at index 0 (every list in the active config has one).

@@ -143,7 +143,8 @@ def measure_arms(targets: list[ArmTarget], plan: Any, gate: Any,
     """Serve (or reach) every arm, then one at a time warm it up and load it with guidellm:
     per arm, the summary per level and the server's decoding statistics (TPF, acceptance)
     where it reports them. ``gate.start_together``: the `idlm serve` arms start at once,
-    are all up before the first is measured, and take turns per repeat (``_interleaved``);
+    are all up before the first is measured, and take turns at each level of each repeat
+    (``_interleaved``);
     otherwise each starts when measured and runs all its repeats."""
     from contextlib import ExitStack
 

@@ -37,7 +37,7 @@ def metrics(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decisio
 def markdown(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decision: Decision,
              setup: Mapping[str, Any], promoted: list[dict[str, Any]]) -> str:
     verdict = "PASS" if decision.passed else "FAIL"
-    turns = ", the arms in turn per repeat" if setup.get("interleaved") else ""
+    turns = ", the arms in turn at each level" if setup.get("interleaved") else ""
     lines = [f"# Gate: {verdict}", "",
              f"Load: guidellm {setup.get('guidellm', '?')}, concurrent streams "
              f"{setup.get('concurrencies', '?')}, {setup.get('repeats', '?')} repeats "

@@ -10,7 +10,7 @@ imported.
 
 ``passes SCENARIO...`` runs each guidellm scenario file in turn in this one process
 (guidellm's own ``benchmark_generative_text``, what its CLI's ``run --scenario`` calls):
-the gate's interleaved passes (one per arm and repeat) then pay guidellm's start-up
+the gate's interleaved passes (one per arm, level and repeat) then pay guidellm's start-up
 (~6 s here) once instead of once per pass. Any other arguments go to guidellm's CLI.
 Nothing guidellm measures changes: requests, timings and the reports are its own.
 """

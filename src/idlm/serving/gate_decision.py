@@ -81,12 +81,19 @@ def speedups(measurements: Mapping[str, Mapping[Any, Any]]) -> dict[str, dict[in
     return result
 
 
-def _speedup(arm: Mapping[str, Any], base: Mapping[str, Any]) -> float:
+def paired_ratios(arm: Mapping[str, Any], base: Mapping[str, Any]) -> list[float]:
+    """Per repeat, the arm's per-request tok/s over AR's in the same repeat; empty unless
+    both list the same repeats (``runs``) and AR's are all non-zero."""
     base_runs = {run["repeat"]: run["per_request_tok_s"] for run in base.get("runs") or ()}
     arm_runs = {run["repeat"]: run["per_request_tok_s"] for run in arm.get("runs") or ()}
-    if base_runs and arm_runs.keys() == base_runs.keys() and all(base_runs.values()):
-        return median(arm_runs[repeat] / base_runs[repeat] for repeat in sorted(base_runs))
-    return arm["per_request_tok_s"] / base["per_request_tok_s"]
+    if not base_runs or arm_runs.keys() != base_runs.keys() or not all(base_runs.values()):
+        return []
+    return [arm_runs[repeat] / base_runs[repeat] for repeat in sorted(base_runs)]
+
+
+def _speedup(arm: Mapping[str, Any], base: Mapping[str, Any]) -> float:
+    ratios = paired_ratios(arm, base)
+    return median(ratios) if ratios else arm["per_request_tok_s"] / base["per_request_tok_s"]
 
 
 def quality_deltas(scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm.plots import save_figure
-from idlm.serving.gate_decision import BASELINE, Decision, misses_table
+from idlm.serving.gate_decision import BASELINE, Decision, misses_table, paired_ratios
 
 ARM_TITLES = {"ar": "AR base", "isd": "I-DLM (ISD)", "risd": "R-ISD"}
 
@@ -80,18 +80,16 @@ def markdown(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]], decisi
 def _repeat_ratios(measurements: Mapping[str, Mapping[Any, Mapping[str, Any]]]) -> list[str]:
     """Lines of each arm's per-repeat tok/s over AR's in the same repeat (the speedup is
     their median), so the spread a verdict rests on is on the page."""
-    base = {int(level): {run["repeat"]: run["per_request_tok_s"] for run in v.get("runs") or ()}
-            for level, v in measurements.get(BASELINE, {}).items()}
+    base = {int(level): v for level, v in measurements.get(BASELINE, {}).items()}
     lines = []
     for arm, per_arm in measurements.items():
         if arm == BASELINE:
             continue
         cells = []
         for level, v in _by_level(per_arm):
-            pairs = [(run["per_request_tok_s"], base.get(level, {}).get(run["repeat"]))
-                     for run in v.get("runs") or ()]
-            if pairs and all(ar for _, ar in pairs):
-                cells.append(f"C={level} " + " / ".join(f"{t / ar:.2f}" for t, ar in pairs))
+            ratios = paired_ratios(v, base.get(level, {}))
+            if ratios:
+                cells.append(f"C={level} " + " / ".join(f"{r:.2f}" for r in ratios))
         if cells:
             lines.append(f"- {ARM_TITLES.get(arm, arm)}: " + "; ".join(cells))
     return ["", "Speedup in each repeat (the table gives their median):", "", *lines] \

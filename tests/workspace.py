@@ -21,6 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
 PROFILE = "test"
+LOG_PAGE = 200
 # Valid for the config schema, rejected by DeepSpeed when `base` starts training.
 BROKEN = "base.train.deepspeed=configs/deepspeed/broken.json"
 # MLflow's embedded store: a copy that keeps it would log into the original's artifacts.
@@ -78,6 +79,7 @@ def prefect_flow_facts(flow_run_id: str) -> dict[str, Any]:
         LogFilter,
         LogFilterFlowRunId,
     )
+    from prefect.client.schemas.sorting import LogSort
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=30)
@@ -86,8 +88,12 @@ def prefect_flow_facts(flow_run_id: str) -> dict[str, Any]:
         state = client.read_flow_run(run_id).state
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[run_id])))
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        logs, page = [], LOG_PAGE
+        while page == LOG_PAGE:   # the API returns at most its default limit per call
+            batch = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=LOG_PAGE,
+                offset=len(logs), sort=LogSort.TIMESTAMP_ASC)
+            logs, page = logs + batch, len(batch)
     return {"failed": state.is_failed(), "completed": state.is_completed(),
             "tasks": sorted(t.name for t in tasks), "messages": [log.message for log in logs]}
 

@@ -98,14 +98,15 @@ def handle_serve(args: argparse.Namespace) -> int:
         return 2
     from idlm.decoding.loading import load_engine
     from idlm.decoding.requests import DecodingError
-    from idlm.serving.server import ServeSettings, serve
+    from idlm.serving.server import serve
+    from idlm.serving.server_settings import ServerSettings
 
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     name = args.served_model_name or Path(args.model).resolve().name
-    settings = ServeSettings(
+    settings = ServerSettings(
         model_name=name, mode=args.mode, stride=args.stride, host=args.host, port=args.port,
         max_waiting=args.max_waiting, max_new_tokens=args.max_new_tokens,
         graceful_shutdown_s=args.graceful_shutdown, log_level=args.log_level)

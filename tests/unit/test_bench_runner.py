@@ -17,6 +17,7 @@ import pytest
 
 from idlm.benchmarks import BenchmarkSettings, EvaluateSettings, SamplingSettings
 from idlm.benchmarks.backends import Completion, Messages
+from idlm.benchmarks.loading import BenchmarkDataError
 from idlm.benchmarks.report import scores_table, write_reports
 from idlm.benchmarks.runner import log_path, run_evaluation
 
@@ -180,3 +181,30 @@ def test_reports(tmp_path: Path) -> None:
     assert table.splitlines()[2].startswith("| tiny multiple choice | 4 | ")
     assert paths["scores.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert scores_table(results) == table
+
+
+def test_a_benchmark_with_no_samples_is_refused_before_any_generation(tmp_path: Path) -> None:
+    # The items of another kind only: tiny_multiple_choice finds nothing to ask.
+    others = tmp_path / "items.jsonl"
+    others.write_text("".join(line + "\n" for line in ITEMS.read_text().splitlines()
+                              if json.loads(line)["kind"] != "multiple_choice"))
+    backend = SeededBackend()
+    with pytest.raises(BenchmarkDataError) as refused:
+        run_evaluation({"seeded": backend}, settings(overrides={
+            BENCH: BenchmarkSettings(path=str(others))}), tmp_path / "out")
+    message = str(refused.value)
+    assert message.startswith(f"{BENCH}: no samples in {others} of kind 'multiple_choice'")
+    assert "\n" not in message and backend.prompts == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_without_what_the_scorer_reads_are_not_samples(tmp_path: Path) -> None:
+    # A dataset's code row has no unit tests: tiny_code cannot score it, so it skips it.
+    rows = [json.loads(line) for line in ITEMS.read_text().splitlines()]
+    code = [row for row in rows if row["kind"] == "code"]
+    untested = [{**row, "meta": {"row_index": 3}} for row in code]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in code[:1] + untested))
+    from idlm.benchmarks.registry import get_benchmark
+
+    assert [s.id for s in get_benchmark("tiny_code").load(str(path))] == [code[0]["id"]]

@@ -46,9 +46,10 @@ def build_model_dir(root: Path, texts: list[str] = TEXTS, seed: int = 0,
 @contextmanager
 def running_server(engine: Any, **options: Any) -> Iterator[str]:
     """uvicorn on a thread, port 0 (a free one); yields the base URL, stops on exit."""
-    from idlm.serving.server import ServeSettings, build_server
+    from idlm.serving.server import build_server
+    from idlm.serving.server_settings import ServerSettings
 
-    settings = ServeSettings(**{"model_name": NAME, "mode": "isd", "stride": STRIDE,
+    settings = ServerSettings(**{"model_name": NAME, "mode": "isd", "stride": STRIDE,
                                 "port": 0, "log_level": "warning", **options})
     server = build_server(engine, settings, announce=False)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -7,7 +7,8 @@ under ``suite/``, one registry, shared scorers, a sandbox for code, backends and
     bench.score("... #### 18", samples[0]).correct
 """
 
-from idlm.benchmarks.base import Benchmark, DataSource, Sample, Verdict
+from idlm.benchmarks.base import Benchmark, Sample, Verdict
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import (
     REAL_SUITE,
     TINY_SUITE,

@@ -7,42 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from idlm.benchmarks.loading import DataSource, load_rows
 from idlm.benchmarks.settings import SandboxSettings
 
 CATEGORIES = ("multiple_choice", "math", "code", "instruction")
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """Where the published data lives. Exactly one of ``hub_id``, ``url``, ``package_file``.
-
-    - ``hub_id``: a dataset hub repo at a pinned ``revision``; ``files`` names raw files to
-      fetch (``hf_hub_download``) instead of ``datasets.load_dataset``; ``sha256`` pins them.
-    - ``url``: a release archive or file, pinned by ``md5``; ``archive_root`` is the folder
-      inside a zip that holds the data.
-    - ``package_file``: a file shipped inside an installed package (``pkg/path``).
-    """
-
-    hub_id: str | None = None
-    config: str | None = None
-    split: str = "test"
-    revision: str | None = None
-    files: tuple[str, ...] = ()
-    sha256: tuple[tuple[str, str], ...] = ()
-    url: str | None = None
-    md5: str | None = None
-    archive_root: str | None = None
-    package_file: str | None = None
-    description: str = ""
-
-    def describe(self) -> str:
-        if self.description:
-            return self.description
-        if self.hub_id:
-            where = f"{self.hub_id}" + (f" ({self.config})" if self.config else "")
-            pin = self.revision or ("files pinned by sha256" if self.sha256 else "UNPINNED")
-            return f"{where} split {self.split} @ {pin}"
-        return self.url or f"package file {self.package_file}"
 
 
 @dataclass(frozen=True)
@@ -85,8 +53,6 @@ class Benchmark:
     def load(self, path: str | None = None, revision: str | None = None,
              limit: int | None = None) -> list[Sample]:
         """The benchmark's samples from ``path`` (local override) or its published source."""
-        from idlm.benchmarks.loading import load_rows
-
         rows = load_rows(self.source, path, revision)
         samples = [self.to_sample(row, index) for index, row in enumerate(rows)]
         samples = [sample for sample in samples if sample is not None]
@@ -94,6 +60,10 @@ class Benchmark:
 
     def to_sample(self, row: dict[str, Any], index: int) -> Sample | None:
         raise NotImplementedError
+
+    def empty_hint(self) -> str:
+        """What to check when ``load`` found no samples (appended to the one-line error)."""
+        return ""
 
     def score(self, output: str, sample: Sample) -> Verdict:
         raise NotImplementedError

@@ -81,14 +81,19 @@ def backends(cfg: Config, settings: Any) -> dict[str, Any]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    from idlm.benchmarks.loading import BenchmarkDataError
     from idlm.benchmarks.report import scores_summary, write_reports
-    from idlm.benchmarks.runner import run_evaluation
+    from idlm.benchmarks.runner import load_suite, run_evaluation
 
     began = time.perf_counter()
     settings = settings_from(cfg)
     _check_sandbox(settings)
+    try:
+        suite = load_suite(settings)   # the data first: refused before any model loads
+    except BenchmarkDataError as exc:
+        raise StageError(f"evaluate: {exc}") from None
     out = cfg.out("evaluate")
-    results = run_evaluation(backends(cfg, settings), settings, out)
+    results = run_evaluation(backends(cfg, settings), settings, out, suite=suite)
     write_reports(results, out, title=f"{cfg.profile}: accuracy per benchmark")
     summary = scores_summary(results)
     metrics: dict[str, Any] = {"scores": summary["scores"],

@@ -10,13 +10,45 @@ import json
 import os
 import sys
 import zipfile
+from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any
 
-from idlm.benchmarks.base import DataSource
-
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the published data lives. Exactly one of ``hub_id``, ``url``, ``package_file``.
+
+    - ``hub_id``: a dataset hub repo at a pinned ``revision``; ``files`` names raw files to
+      fetch (``hf_hub_download``) instead of ``datasets.load_dataset``; ``sha256`` pins them.
+    - ``url``: a release archive or file, pinned by ``md5``; ``archive_root`` is the folder
+      inside a zip that holds the data.
+    - ``package_file``: a file shipped inside an installed package (``pkg/path``).
+    """
+
+    hub_id: str | None = None
+    config: str | None = None
+    split: str = "test"
+    revision: str | None = None
+    files: tuple[str, ...] = ()
+    sha256: tuple[tuple[str, str], ...] = ()
+    url: str | None = None
+    md5: str | None = None
+    archive_root: str | None = None
+    package_file: str | None = None
+    description: str = ""
+
+    def describe(self) -> str:
+        if self.description:
+            return self.description
+        if self.hub_id:
+            where = f"{self.hub_id}" + (f" ({self.config})" if self.config else "")
+            pin = self.revision or ("files pinned by sha256" if self.sha256 else "UNPINNED")
+            return f"{where} split {self.split} @ {pin}"
+        return self.url or f"package file {self.package_file}"
 
 
 class BenchmarkDataError(RuntimeError):

@@ -27,6 +27,7 @@ from typing import Any
 
 from idlm.benchmarks.backends import Backend, Completion, sample_seed
 from idlm.benchmarks.base import Benchmark, Sample, Verdict
+from idlm.benchmarks.loading import BenchmarkDataError
 from idlm.benchmarks.registry import get_benchmark
 from idlm.benchmarks.settings import EvaluateSettings, SamplingSettings
 
@@ -221,12 +222,29 @@ def prepare_benchmark(name: str, settings: EvaluateSettings) -> tuple[Benchmark,
     return benchmark, samples
 
 
-def run_evaluation(systems: Mapping[str, Backend], settings: EvaluateSettings, out_dir: Path,
-                   log: Log = _stderr) -> list[BenchmarkResult]:
-    """Every configured benchmark for every system; returns one result per pair."""
-    results: list[BenchmarkResult] = []
+Suite = list[tuple[Benchmark, list[Sample]]]
+
+
+def load_suite(settings: EvaluateSettings) -> Suite:
+    """Every configured benchmark with its samples, read before any model is loaded; a
+    benchmark with no samples is refused (it would score 0% of nothing and log nothing)."""
+    suite: Suite = []
     for name in settings.benchmarks:
         benchmark, samples = prepare_benchmark(name, settings)
+        if not samples:
+            where = settings.for_benchmark(name).path or benchmark.source.describe()
+            raise BenchmarkDataError(f"{name}: no samples in {where}{benchmark.empty_hint()}")
+        suite.append((benchmark, samples))
+    return suite
+
+
+def run_evaluation(systems: Mapping[str, Backend], settings: EvaluateSettings, out_dir: Path,
+                   log: Log = _stderr, suite: Suite | None = None) -> list[BenchmarkResult]:
+    """Every configured benchmark (``suite``, or loaded now) for every system; returns one
+    result per pair."""
+    results: list[BenchmarkResult] = []
+    for benchmark, samples in load_suite(settings) if suite is None else suite:
+        name = benchmark.name
         own = settings.for_benchmark(name)
         sampling = settings.sampling_for(name, benchmark.default_max_new_tokens)
         data = {"path": own.path, "revision": own.revision}

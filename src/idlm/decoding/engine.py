@@ -111,7 +111,7 @@ class DecodingEngine:
                 valid.append(index)
             else:
                 results[index] = GenerationResult(index, finish_reason="error", error=error,
-                                                  stats=self._empty_stats(request))
+                                                  stats=self.empty_stats(request))
         if valid:
             self._run(requests, valid, results)
         return [result for result in results if result is not None]
@@ -147,7 +147,9 @@ class DecodingEngine:
     def _budget(self, request: GenerationRequest) -> int:
         return min(request.sampling.max_new_tokens, self.context_length - len(request.prompt_ids))
 
-    def _prefill(self, chosen: list[GenerationRequest], handles: list[int], shape: CallShape,
+    # ------------------------------------------------------------------ step surface
+    # What ``scheduler.EngineSession`` drives (its ``SteppableEngine`` protocol).
+    def prefill(self, chosen: list[GenerationRequest], handles: list[int], shape: CallShape,
                  stop_string_ends: set[int]) -> DecodeBatch:
         """Prompt + first cold start in one forward (the prompt is never run again)."""
         prompts = [list(r.prompt_ids) for r in chosen]
@@ -164,7 +166,7 @@ class DecodingEngine:
         self._advance(batch, window, shape, stop_string_ends, prefill=True)
         return batch
 
-    def _step(self, batch: DecodeBatch, shape: CallShape, stop_string_ends: set[int]) -> None:
+    def decode_step(self, batch: DecodeBatch, shape: CallShape, stop_string_ends: set[int]) -> None:
         """One decode step of the running batch (``stop_string_ends`` collects the handles
         that a stop string ended)."""
         if shape.width_drafts == 0:
@@ -317,11 +319,11 @@ class DecodingEngine:
                     break
 
     # ------------------------------------------------------------------ results
-    def _result(self, batch: DecodeBatch, row: int, request: GenerationRequest,
+    def result(self, batch: DecodeBatch, row: int, request: GenerationRequest,
                 stop_string_ends: set[int]) -> GenerationResult:
         written = int(batch.written[row])
         token_ids = batch.tokens[row, :written].tolist()
-        stats = self._empty_stats(request)
+        stats = self.empty_stats(request)
         drafts = request.num_drafts
         forwards, rounds, stats.tried, stats.accepted = batch.stats.summary(row, drafts)
         stats.tokens, stats.forwards = written, forwards
@@ -334,7 +336,7 @@ class DecodingEngine:
         text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
         return GenerationResult(batch.request_ids[row], token_ids, reason, stats, text=text)
 
-    def _empty_stats(self, request: GenerationRequest) -> RequestStats:
+    def empty_stats(self, request: GenerationRequest) -> RequestStats:
         """Labelled by system (``isd`` / ``risd`` for every drafting request, else ``ar``)."""
         drafting = request.mode in algorithms.modes() and algorithms.for_mode(request.mode).drafts
         return RequestStats(mode=self.name if drafting else "ar",

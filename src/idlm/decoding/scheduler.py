@@ -18,15 +18,32 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from idlm.decoding.batch import CallShape, DecodeBatch
 from idlm.decoding.requests import MAX_STRIDE, GenerationRequest, GenerationResult, request_error
+from idlm.decoding.stats import RequestStats
 
-if TYPE_CHECKING:
-    from idlm.decoding.engine import DecodingEngine
+
+class SteppableEngine(Protocol):
+    """What a session drives: the public step surface of ``engine.DecodingEngine``."""
+
+    stop_token_ids: list[int]
+    vocab_size: int
+    device: torch.device
+
+    def prefill(self, chosen: list[GenerationRequest], handles: list[int], shape: CallShape,
+                stop_string_ends: set[int]) -> DecodeBatch: ...
+
+    def decode_step(self, batch: DecodeBatch, shape: CallShape,
+                    stop_string_ends: set[int]) -> None: ...
+
+    def result(self, batch: DecodeBatch, row: int, request: GenerationRequest,
+               stop_string_ends: set[int]) -> GenerationResult: ...
+
+    def empty_stats(self, request: GenerationRequest) -> RequestStats: ...
 
 
 @dataclass
@@ -38,7 +55,7 @@ class StepEvents:
     finished: list[GenerationResult] = field(default_factory=list)  # result.index = handle
 
 
-def serving_shape(engine: DecodingEngine, max_stride: int, max_new_tokens: int,
+def serving_shape(engine: SteppableEngine, max_stride: int, max_new_tokens: int,
                   stop_width: int | None = None) -> CallShape:
     """The fixed shape of a server's session: stride N <= ``max_stride`` (1 = AR only)."""
     if not 1 <= max_stride <= MAX_STRIDE:
@@ -54,7 +71,7 @@ def serving_shape(engine: DecodingEngine, max_stride: int, max_new_tokens: int,
 class EngineSession:
     """Submit, step, cancel. Not thread-safe: one thread owns a session (and its engine)."""
 
-    def __init__(self, engine: DecodingEngine, shape: CallShape) -> None:
+    def __init__(self, engine: SteppableEngine, shape: CallShape) -> None:
         self.engine, self.shape = engine, shape
         self._requests: dict[int, GenerationRequest] = {}
         self._waiting: deque[int] = deque()
@@ -113,7 +130,7 @@ class EngineSession:
         error = self.validate(request)
         if error is not None:
             self._errors.append(GenerationResult(handle, finish_reason="error", error=error,
-                                                 stats=self.engine._empty_stats(request)))
+                                                 stats=self.engine.empty_stats(request)))
             return handle
         self._requests[handle] = request
         self._waiting.append(handle)
@@ -147,13 +164,13 @@ class EngineSession:
         free = engine.max_batch_size - (batch.rows if batch is not None else 0)
         if self._waiting and free > 0:
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            fresh = engine._prefill([self._requests[h] for h in admitted], admitted,
+            fresh = engine.prefill([self._requests[h] for h in admitted], admitted,
                                     self.shape, self._stop_string_ends)
             self._batch = fresh if batch is None else batch.concat(fresh)
             self._reported += [False] * len(admitted)
             events.admitted = admitted
         elif batch is not None:
-            engine._step(batch, self.shape, self._stop_string_ends)
+            engine.decode_step(batch, self.shape, self._stop_string_ends)
         else:
             return events
         self._collect(events)
@@ -173,7 +190,7 @@ class EngineSession:
             if flag and not self._reported[row]:
                 handle = batch.request_ids[row]
                 self._reported[row] = True
-                events.finished.append(self.engine._result(
+                events.finished.append(self.engine.result(
                     batch, row, self._requests[handle], self._stop_string_ends))
                 self._forget(handle)
 

@@ -24,7 +24,7 @@ from idlm.decoding.requests import GenerationRequest, GenerationResult, Sampling
 from idlm.serving import protocol as wire
 from idlm.serving.openapi import reserved_template_keys
 from idlm.serving.protocol import APIError
-from idlm.serving.server import LOG, ServeSettings
+from idlm.serving.server_settings import LOG, ServerSettings
 from idlm.serving.text import TextStream, chat_prompt_ids, text_ids
 from idlm.serving.worker import (
     DoneEvent,
@@ -43,7 +43,7 @@ SEED_RANGE = 1 << 63
 class Service:
     """The handlers' logic, apart from FastAPI so each piece stays small."""
 
-    def __init__(self, engine: Any, settings: ServeSettings) -> None:
+    def __init__(self, engine: Any, settings: ServerSettings) -> None:
         if engine.tokenizer is None:
             raise ValueError("the engine has no tokenizer: the server needs one")
         self.engine, self.settings, self.tokenizer = engine, settings, engine.tokenizer
@@ -219,7 +219,7 @@ def _checked(result: GenerationResult) -> GenerationResult:
     return result
 
 
-def build_app(engine: Any, settings: ServeSettings) -> FastAPI:
+def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread."""
     service = Service(engine, settings)
 

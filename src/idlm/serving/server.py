@@ -5,55 +5,25 @@ session; the FastAPI handlers (``app.py``) render prompts, hand requests to it t
 thread-safe queue and await the results or stream the tokens as they are committed.
 The server runs one mode (ar | isd | risd) at one stride, under one model name.
 
-    server = build_server(engine, ServeSettings(model_name="idlm-tiny", mode="isd"))
+    server = build_server(engine, ServerSettings(model_name="idlm-tiny", mode="isd"))
     server.run()    # uvicorn; SIGINT / SIGTERM shut it down cleanly
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-LOG = logging.getLogger("idlm.serve")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """What the server serves and how much it holds; ``port`` 0 picks a free port."""
-
-    model_name: str
-    mode: Literal["ar", "isd", "risd"] = "isd"
-    stride: int = 4
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_waiting: int = 256          # requests queued beyond the running batch; then 429
-    max_new_tokens: int | None = None   # cap on max_tokens (default: the context length)
-    graceful_shutdown_s: float = 10.0   # in-flight requests get this long on SIGTERM
-    log_level: str = "info"
-
-    @property
-    def engine_mode(self) -> Literal["ar", "isd"]:
-        return "ar" if self.mode == "ar" else "isd"
-
-    @property
-    def engine_stride(self) -> int:
-        return 1 if self.mode == "ar" else self.stride
-
-    @property
-    def fingerprint(self) -> str:
-        return f"idlm-{self.mode}" + ("" if self.mode == "ar" else f"-n{self.stride}")
-
+from idlm.serving.server_settings import ServerSettings
 
 KEEP_ALIVE_S = 75
 
 
-def build_server(engine: Any, settings: ServeSettings, *, announce: bool = True) -> Any:
+def build_server(engine: Any, settings: ServerSettings, *, announce: bool = True) -> Any:
     """A uvicorn server (not started) for ``engine``; ``announce`` prints the URL when up."""
     import uvicorn
 
@@ -101,7 +71,7 @@ def build_server(engine: Any, settings: ServeSettings, *, announce: bool = True)
     return AnnouncingServer(config)
 
 
-def serve(engine: Any, settings: ServeSettings) -> int:
+def serve(engine: Any, settings: ServerSettings) -> int:
     """Run until SIGINT / SIGTERM; 0 on a clean shutdown, 1 if the port could not be bound."""
     server = build_server(engine, settings)
     server.run()

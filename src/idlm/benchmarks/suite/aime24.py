@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from idlm.benchmarks.base import DataSource
 from idlm.benchmarks.families import IntegerAnswerBenchmark
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from idlm.benchmarks.base import DataSource
 from idlm.benchmarks.families import MultipleChoiceBenchmark, seeded_shuffle
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 # Gated on the hub and no verified commit recorded here yet: pin it with

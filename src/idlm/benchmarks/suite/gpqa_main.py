@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from idlm.benchmarks.base import DataSource
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 from idlm.benchmarks.suite.gpqa_diamond import GPQA_HUB_ID, GpqaBenchmark
 

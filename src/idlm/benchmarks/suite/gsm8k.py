@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from idlm.benchmarks.answers import gsm8k_gold
-from idlm.benchmarks.base import DataSource
 from idlm.benchmarks.families import NumberAnswerBenchmark
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from idlm.benchmarks.base import DataSource, Sample, Verdict, user_message
+from idlm.benchmarks.base import Sample, Verdict, user_message
 from idlm.benchmarks.code_scoring import final_code, humaneval_program, run_test_program
 from idlm.benchmarks.families import CodeBenchmark
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 PROMPT = ("Please provide a self-contained Python script that solves the following problem "

@@ -6,7 +6,7 @@ HumanEval's schema, with the extra inputs built into each problem's ``check``.
 
 from __future__ import annotations
 
-from idlm.benchmarks.base import DataSource
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 from idlm.benchmarks.suite.humaneval import HumanEval
 

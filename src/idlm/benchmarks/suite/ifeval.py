@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from idlm.benchmarks.base import Benchmark, DataSource, Sample, Verdict, user_message
+from idlm.benchmarks.base import Benchmark, Sample, Verdict, user_message
 from idlm.benchmarks.ifeval_scoring import ifeval_verdict
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from idlm.benchmarks.base import DataSource, Sample, Verdict
+from idlm.benchmarks.base import Sample, Verdict
 from idlm.benchmarks.code_scoring import decode_lcb_tests, final_code, score_lcb
 from idlm.benchmarks.families import CodeBenchmark
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 SYSTEM = ("You are an expert Python programmer. You will be given a question (problem "

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from idlm.benchmarks.base import DataSource, Sample, Verdict, user_message
+from idlm.benchmarks.base import Sample, Verdict, user_message
 from idlm.benchmarks.families import LETTERS, MATH_SUFFIX, MathBenchmark, choice_prompt
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 from idlm.benchmarks.scoring import score_choice, score_math
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from idlm.benchmarks.base import DataSource, Sample, Verdict, user_message
+from idlm.benchmarks.base import Sample, Verdict, user_message
 from idlm.benchmarks.code_scoring import assert_program, final_code, run_test_program
 from idlm.benchmarks.families import CodeBenchmark
+from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import register
 
 PROMPT = ("You are an expert Python programmer, and here is your task: {text} Your code "

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from idlm.benchmarks.answers import final_answer_rule, strip_thinking
-from idlm.benchmarks.base import Benchmark, DataSource, Sample, Verdict
+from idlm.benchmarks.base import Benchmark, Sample, Verdict
 from idlm.benchmarks.code_scoring import assert_program, final_code, run_test_program
-from idlm.benchmarks.loading import BenchmarkDataError
+from idlm.benchmarks.loading import BenchmarkDataError, DataSource
 from idlm.benchmarks.registry import register
 from idlm.benchmarks.scoring import score_choice, score_gsm8k
 from idlm.benchmarks.suite.humaneval import HumanEval
@@ -32,6 +32,9 @@ class TinyBenchmark(Benchmark):
     """Items of one ``kind`` from eval_items.jsonl (its path must be given)."""
 
     kind: ClassVar[str]
+    # What the scorer reads from an item's meta: a row without it cannot be scored (a
+    # dataset's code rows carry no unit tests), so it is not a sample.
+    meta_keys: ClassVar[tuple[str, ...]] = ()
     source = DataSource(description="the prepare stage's eval_items.jsonl")
     default_max_new_tokens = TINY_MAX_NEW_TOKENS
 
@@ -43,8 +46,14 @@ class TinyBenchmark(Benchmark):
                 "(evaluate.overrides.<name>.path, or with_tiny_items)")
         return super().load(path, revision, limit)
 
+    def empty_hint(self) -> str:
+        needs = f" with meta {', '.join(self.meta_keys)}" if self.meta_keys else ""
+        return (f" of kind '{self.kind}'{needs}: a dataset's rows need a 'kind' column for "
+                "the tiny_* benchmarks, or set evaluate.benchmarks to benchmarks of its own")
+
     def to_sample(self, row: dict[str, Any], index: int) -> Sample | None:
-        if row.get("kind") != self.kind:
+        meta = row.get("meta") or {}
+        if row.get("kind") != self.kind or any(key not in meta for key in self.meta_keys):
             return None
         return Sample(row["id"], [dict(m) for m in row["messages"]], row["reference"],
                       dict(row.get("meta") or {}))
@@ -79,6 +88,7 @@ class TinyCode(TinyBenchmark):
     title = "tiny code"
     category = "code"
     kind = "code"
+    meta_keys = ("tests",)
 
     def score(self, output: str, sample: Sample) -> Verdict:
         answer = final_code(output, sample.meta.get("entry_point"))
@@ -92,6 +102,7 @@ class TinyInstruction(TinyBenchmark):
     title = "tiny instruction"
     category = "instruction"
     kind = "instruction"
+    meta_keys = ("constraint",)
 
     def score(self, output: str, sample: Sample) -> Verdict:
         from idlm.data.instructions import satisfies_constraint

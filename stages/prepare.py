@@ -1,17 +1,17 @@
-"""DVC stage ``prepare``: tokenizer + tokenized train/eval splits (see idlm.data.prepare)."""
+"""DVC stage `prepare`.
 
-from __future__ import annotations
+Generate (tiny) or load (real) the SFT data, build the tokenizer, tokenize and shard into
+outputs/prepare/ (see idlm.data.prepare).
+"""
 
-import sys
-
-from idlm.data.prepare import run
-from idlm.stage import stage_main
+from idlm.stage import exit_process, stage_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main("prepare", run, "Generate (tiny) or load (real) the SFT data, build the "
-                      "tokenizer, tokenize and shard into outputs/prepare/.", argv)
+def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
+    from idlm.data.prepare import run
+
+    return run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(stage_main("prepare", _run, __doc__))

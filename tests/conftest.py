@@ -33,6 +33,12 @@ def scope_of(nodeid: str) -> str:
 def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201
     from xdist.scheduler import LoadScopeScheduling
 
+    # Scopes go out in collection order, not xdist's default of most tests first: the
+    # end-to-end files come first, so the two longest scopes (the trained workspace and
+    # the retraining runs, minutes each) start at once on the two workers and the short
+    # files fill in behind them, instead of the retraining's three tests starting last.
+    config.option.loadscopereorder = False
+
     class ByScope(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return scope_of(nodeid)

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from idlm.config import pipeline_stages
+
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "base", "ic", "lora", "verify", "evaluate", "export", "gate"]
+STAGES = pipeline_stages(REPO)
 PROFILE = "test"
 LOG_PAGE = 200
 # Valid for the config schema, rejected by DeepSpeed when `base` starts training.

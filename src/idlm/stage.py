@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm import config as config_mod
+from idlm.errors import StageError
 from idlm.training.distributed import exit_process  # noqa: F401 - the stage scripts' exit
 
 
@@ -77,7 +78,7 @@ def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from idlm.decoding.requests import DecodingError  # a model folder a stage could not load
+    from idlm.decoding.errors import DecodingError  # a model folder a stage could not load
 
     try:
         metrics = run(cfg)
@@ -86,7 +87,3 @@ def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
         return 1
     print(json.dumps({"stage": name, **(metrics or {})}, indent=2, sort_keys=True, default=str))
     return 0
-
-
-class StageError(RuntimeError):
-    """A problem with a stage's inputs, phrased as one line that says how to fix it."""

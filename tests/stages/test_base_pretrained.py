@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from idlm.config import load_profile
-from idlm.stage import StageError
+from idlm.errors import StageError
 from idlm.training import base
 from tests.conftest import tiny_qwen3
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from idlm import config
+from idlm.errors import StageError
 from idlm.serving.gate import arm_targets, conclude, load_plan, measure_arms, read_registered
 from idlm.serving.gate_decision import read_scores
-from idlm.stage import StageError
 from tests.workspace import PROFILE
 
 ARMS = {"ar", "isd", "risd"}

@@ -11,7 +11,7 @@ import pytest
 from idlm.config import Config, load_profile
 from idlm.data.prepare import load_eval_items, load_split, load_tokenizer, run
 from idlm.data.qwen_vocab import build_qwen3_tokenizer
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ["eval", "eval_items.jsonl", "metrics.json", "tokenizer", "train"]
@@ -133,14 +133,16 @@ def test_stage_script_runs_and_reports_config_errors(tmp_path: Path,
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     config = str(REPO / "configs/tiny.yaml")
-    code = stage.main(["--config", config, f"outputs={tmp_path}", "prepare.synthetic.train_size=60",
-                       "prepare.synthetic.eval_size=5", "prepare.tokenizer.vocab_size=300"])
+    argv = ["--config", config, f"outputs={tmp_path}", "prepare.synthetic.train_size=60",
+            "prepare.synthetic.eval_size=5", "prepare.tokenizer.vocab_size=300"]
+    code = stage.stage_main("prepare", stage._run, stage.__doc__, argv)
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     # A 300-token vocabulary can make a row longer than max_length: counted, not lost.
     assert report["rows_read"] == 65
     assert report["train"]["rows"] + report["eval"]["rows"] + report["rejected_total"] == 65
-    assert stage.main(["--config", config, "prepare.shard_rowz=5"]) == 2
+    assert stage.stage_main("prepare", stage._run, stage.__doc__,
+                            ["--config", config, "prepare.shard_rowz=5"]) == 2
     assert "unknown key 'prepare.shard_rowz'" in capsys.readouterr().err
 
 

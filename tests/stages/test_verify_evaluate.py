@@ -12,7 +12,7 @@ import pytest
 from idlm.benchmarks import evaluate_stage
 from idlm.config import Config, load_profile
 from idlm.decoding import verify_stage
-from idlm.stage import StageError
+from idlm.errors import StageError
 from tests.workspace import PROFILE
 
 

@@ -21,8 +21,9 @@ import pytest
 
 from idlm.decoding.loading import load_engine
 from idlm.decoding.requests import DecodingError
+from idlm.errors import StageError
 from idlm.model.hub import CheckpointError
-from idlm.stage import StageError, stage_main
+from idlm.stage import stage_main
 from tests.unit.test_serve import build_model_dir
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from idlm import config as config_mod
 from idlm.data.refresh import refresh
-from idlm.stage import StageError
+from idlm.errors import StageError
 from tests.workspace import make_workspace
 
 

@@ -240,7 +240,7 @@ def test_sglang_table_check_names_what_is_wrong() -> None:
 
 
 def test_export_refuses_missing_inputs_in_one_line(tmp_path: Path) -> None:
-    from idlm.stage import StageError
+    from idlm.errors import StageError
 
     cfg = config_mod.load_profile("tiny", [f"outputs={tmp_path}"])
     with pytest.raises(StageError, match=r"run `dvc repro ic` first"):

@@ -134,7 +134,7 @@ def test_read_scores_takes_the_shapes_evaluate_may_write(tmp_path: Path, payload
 
 
 def test_read_scores_missing_file_is_empty_and_bad_json_is_one_line(tmp_path: Path) -> None:
-    from idlm.stage import StageError
+    from idlm.errors import StageError
 
     assert read_scores(tmp_path / "absent.json") == {}
     bad = tmp_path / "scores.json"

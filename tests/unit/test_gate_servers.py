@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from idlm.errors import StageError
 from idlm.serving.loadtest import ServerSpec, free_port, idlm_servers
-from idlm.stage import StageError
 
 
 def test_a_server_that_dies_at_start_up_stops_the_others(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 from idlm import config as config_mod
 from idlm.cluster import kubernetes as k8s
 from idlm.cluster import launch
-from idlm.config_cluster import ClusterConfig
-from idlm.stage import StageError
+from idlm.config.cluster import ClusterConfig
+from idlm.errors import StageError
 from idlm.training.common import batch_for_world
 
 PY = "/venv/bin/python"

@@ -16,6 +16,7 @@ from idlm.decoding.engine import DecodingEngine
 from idlm.decoding.kv_cache import RaggedKVCache
 from idlm.decoding.lean_forward import DecoderForward, HFDecoder, LeanDecoder, decoder_forward
 from idlm.decoding.requests import GenerationRequest, SamplingParams
+from idlm.model.gate_holder import token_gate_of
 from idlm.model.gated_lora import attach_gated_lora, find_token_gate
 from tests.conftest import MASK_ID, tiny_qwen3
 from tests.unit.test_decoding_models import pattern_prompts
@@ -69,7 +70,7 @@ def gated_model(seed: int = 3) -> torch.nn.Module:
 def forwards(model: torch.nn.Module) -> tuple[LeanDecoder, HFDecoder]:
     decoder = model.get_decoder() if not hasattr(model, "get_base_model") else (
         model.get_base_model().get_decoder())
-    token_gate = getattr(decoder, "idlm_token_gate", None)
+    token_gate = token_gate_of(decoder)
     return (LeanDecoder(decoder, model.config, 64, token_gate),
             HFDecoder(decoder, token_gate))
 

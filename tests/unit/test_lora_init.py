@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from idlm.errors import StageError
 from idlm.model.gated_lora import GatedLinear, attach_gated_lora, find_token_gate
 from idlm.model.lora_init import TunedWeights, init_from_tuned
-from idlm.stage import StageError
 from tests.unit.test_gated_lora import (
     MASK_TOKEN_ID,
     SEQUENCE_LENGTH,

@@ -88,7 +88,7 @@ def test_dvc_yaml_flow_config_and_stage_scripts_agree() -> None:
     pipeline = load_pipeline(REPO)
     names = pipeline.names
     assert stage_names(REPO) == names  # the flow's tasks are dvc.yaml's stages, in DAG order
-    assert sorted(names) == sorted(config_mod.STAGES)
+    assert sorted(names) == sorted(config_mod.pipeline_stages(REPO))
     assert sorted(names) == sorted(p.stem for p in (REPO / "stages").glob("*.py")
                                    if not p.name.startswith("_"))
     sections = set(config_mod.Config.model_fields)

@@ -19,7 +19,7 @@ from idlm.data.sft import (
     split_eval,
     tokenize_conversations,
 )
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 
 def sharegpt(question: str, reasoning: str, answer: str, **extra: object) -> dict:

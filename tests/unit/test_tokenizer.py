@@ -18,7 +18,7 @@ from idlm.data.tokenizer import (
     special_tokens,
     train_bpe_tokenizer,
 )
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 
 @pytest.fixture(scope="module")

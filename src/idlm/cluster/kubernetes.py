@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from idlm.config_cluster import ClusterConfig
+from idlm.config.cluster import ClusterConfig
 
 WORKSPACE = "/workspace"
 WORKSPACE_CLAIM = "idlm-workspace"     # the PVC of infra/k8s

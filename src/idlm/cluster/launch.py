@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from idlm.config_cluster import ClusterConfig
+from idlm.config.cluster import ClusterConfig
 
 # Where sbatch writes a stage's log (ignored by git; not a DVC out).
 SLURM_LOG_DIR = Path("logs") / "slurm"

@@ -22,7 +22,7 @@ from typing import Any
 
 from idlm.cluster.qwen3_shapes import QWEN3_SHAPES, known_shape
 from idlm.config import Config, LoraSection, TrainSettings
-from idlm.config_paths import ConfigError, looks_local, resolve_path
+from idlm.config.paths import ConfigError, looks_local, resolve_path
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 << 30  # CUDA context, cuBLAS/NCCL workspaces

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from idlm.config import Config
-from idlm.stage import StageError, atomic_dir, write_json_atomic
+from idlm.errors import StageError
+from idlm.stage import atomic_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from idlm.config import Config
-from idlm.config_paths import looks_local
-from idlm.stage import StageError
+from idlm.config.paths import looks_local
+from idlm.errors import StageError
 
 IMPORT_PATH = "data/source"   # where an import_url lands, relative to the workspace
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idlm.config import HubData
-from idlm.config_paths import looks_local, resolve_path
-from idlm.stage import StageError
+from idlm.config.paths import looks_local, resolve_path
+from idlm.errors import StageError
 
 if TYPE_CHECKING:
     from datasets import Dataset

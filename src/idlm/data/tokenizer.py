@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from idlm.config import TokenizerSpec
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -81,7 +81,7 @@ def build_tokenizer(spec: TokenizerSpec, texts: Iterable[str]) -> PreTrainedToke
         return train_bpe_tokenizer(texts, spec.vocab_size, spec.mask_token)
     if not spec.name_or_path:
         raise StageError("prepare.tokenizer.name_or_path is required when kind is 'pretrained'")
-    from idlm.config_paths import looks_local, resolve_path
+    from idlm.config.paths import looks_local, resolve_path
 
     name = str(resolve_path(spec.name_or_path)) if looks_local(spec.name_or_path) else (
         spec.name_or_path)

@@ -45,6 +45,7 @@ from idlm.decoding.requests import (
 from idlm.decoding.sampling import counter_uniforms, decision_slots, sample_from, warp_probs
 from idlm.decoding.scheduler import EngineSession, serving_shape
 from idlm.decoding.stats import COLD_START, FULL_ACCEPT, REJECT, RequestStats
+from idlm.model.gate_holder import token_gate_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class DecodingEngine:
         # The lean forward, or transformers' decoder with the reason (None when lean).
         self.decode_forward, self.forward_fallback = decoder_forward(
             self.decoder, config, self.context_length,
-            getattr(self.decoder, "idlm_token_gate", None))
+            token_gate_of(self.decoder))
         if self.forward_fallback is not None:
             logger.warning("decoding engine: %s", self.forward_fallback)
         if self.mask_token_id >= self.vocab_size:
@@ -347,7 +348,7 @@ class DecodingEngine:
 def clean_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Plain causal logits with any gated adapter off (the AR law, even if ids hold MASK)."""
     decoder, head, _ = decoder_parts(model)
-    gated = getattr(decoder, "idlm_token_gate", None) is not None
+    gated = token_gate_of(decoder) is not None
     gate = gate_positions(decoder, torch.zeros_like(input_ids, dtype=torch.bool)) if gated \
         else nullcontext()
     with gate:
@@ -371,7 +372,7 @@ def _eos(config: Any) -> list[int]:
 
 
 def _check_gate(decoder: torch.nn.Module, mask_token_id: int) -> bool:
-    token_gate = getattr(decoder, "idlm_token_gate", None)
+    token_gate = token_gate_of(decoder)
     if token_gate is None:
         return False
     if token_gate.mask_token_id != mask_token_id:

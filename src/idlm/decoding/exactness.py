@@ -30,6 +30,7 @@ import torch
 from idlm.decoding.engine import DecodingEngine, decoder_parts, gate_positions
 from idlm.decoding.requests import GenerationRequest, GenerationResult, SamplingParams
 from idlm.decoding.sampling import warp_probs
+from idlm.model.gate_holder import token_gate_of
 
 # Elements of float64 probabilities held at once while scoring continuations (256 MiB).
 SCORING_ELEMENTS = 1 << 25
@@ -150,7 +151,7 @@ def _warped_chunks(model: torch.nn.Module, prompt: Sequence[int],
     device, prompt = head.weight.device, list(prompt)
     length, vocab = len(continuations[0]), head.weight.shape[0]
     chunk = max(1, SCORING_ELEMENTS // (length * vocab))
-    gated = getattr(decoder, "idlm_token_gate", None) is not None
+    gated = token_gate_of(decoder) is not None
     for start in range(0, len(continuations), chunk):
         rows = continuations[start:start + chunk]
         ids = torch.as_tensor([prompt + list(c) for c in rows], device=device)

@@ -23,6 +23,7 @@ import torch
 
 from idlm.decoding.engine import decoder_parts, gate_positions
 from idlm.decoding.sampling import warp_probs
+from idlm.model.gate_holder import token_gate_of
 
 
 @torch.inference_mode()
@@ -39,7 +40,7 @@ def introspective_acceptance(model: torch.nn.Module, sequences: Sequence[Sequenc
     decoder, head, _ = decoder_parts(model)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     dtype = head.weight.dtype
-    gated = getattr(decoder, "idlm_token_gate", None) is not None
+    gated = token_gate_of(decoder) is not None
     block = stride - 1
     accepted, counted = torch.zeros(block, dtype=torch.float64), torch.zeros(block)
     # Longest first, so a batch's rows are of about one length (little padding).

@@ -63,8 +63,8 @@ def _tokenizer(model_dir: Path) -> Any:
 def _model(model_dir: Path, device: str, dtype: Any) -> Any:
     import torch
 
+    from idlm.errors import StageError
     from idlm.model.factory import load_causal_lm
-    from idlm.stage import StageError
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, dtype)
     try:

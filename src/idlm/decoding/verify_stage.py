@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from idlm.config import Config
-from idlm.stage import StageError, write_json_atomic
+from idlm.errors import StageError
+from idlm.stage import write_json_atomic
 
 REPORT, METRICS, PLOT = "report.json", "metrics.json", "acceptance.png"
 MODES = ("isd", "risd")

@@ -100,10 +100,10 @@ def check_weight_files(folder: Path) -> None:
 
 def rerun_hint(folder: Path) -> str:
     """What rebuilds a model folder: its stage (outputs/<stage>/model) or its source."""
-    from idlm.config import STAGES
+    from idlm.config import pipeline_stages
 
     stage = folder.resolve().parent.name
-    if folder.name == "model" and stage in STAGES:
+    if folder.name == "model" and stage in pipeline_stages():
         return f"rerun `dvc repro {stage}` (it rewrites {folder})"
     return "re-save or re-download the checkpoint"
 

@@ -36,7 +36,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from idlm.stage import StageError
+from idlm.errors import StageError
+from idlm.model.gate_holder import GATE_ATTRIBUTE, token_gate_of
 
 GATE_RULE = "input_ids == mask_token_id"
 GATE_FILE = "idlm_gate.json"
@@ -246,10 +247,10 @@ def _install_gate(
     peft_model: PeftModel, mask_token_id: int, mask_embedding: bool = False
 ) -> TokenGate:
     decoder = peft_model.get_base_model().get_decoder()
-    if getattr(decoder, "idlm_token_gate", None) is not None:
+    if token_gate_of(decoder) is not None:
         raise GatedLoraError("this model already carries a gated LoRA; attach only one")
     token_gate = TokenGate(mask_token_id)
-    decoder.idlm_token_gate = token_gate
+    setattr(decoder, GATE_ATTRIBUTE, token_gate)
     decoder.register_forward_pre_hook(token_gate.on_decoder_call, with_kwargs=True)
     gated_in_layers: set[int] = set()
     for layer in decoder.layers:
@@ -296,7 +297,7 @@ def _check_all_gated_layers_reachable(peft_model: PeftModel, gated_ids: set[int]
 def find_token_gate(model: nn.Module) -> TokenGate:
     """The gate holder of a gated-LoRA model (PeftModel, CausalLM, decoder or DeepSpeed engine)."""
     for module in model.modules():
-        token_gate = getattr(module, "idlm_token_gate", None)
+        token_gate = token_gate_of(module)
         if isinstance(token_gate, TokenGate):
             return token_gate
     raise GatedLoraError("this model has no gated LoRA: build it with attach_gated_lora")

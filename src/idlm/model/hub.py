@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 logger = logging.getLogger(__name__)
 

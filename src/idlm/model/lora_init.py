@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 # PEFT wraps the model twice: `base_model.model.<the HF module path>`.
 _PEFT_PREFIX = "base_model.model."

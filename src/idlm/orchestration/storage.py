@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 BRANCH_PREFIX = "idlm-runs/"
 LATEST = BRANCH_PREFIX + "latest"

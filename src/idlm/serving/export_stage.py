@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from idlm.config import Config
-from idlm.stage import StageError, write_json_atomic
+from idlm.errors import StageError
+from idlm.stage import write_json_atomic
 
 # Short questions in the formats the tiny corpus covers; only their greedy continuations
 # are compared (source model vs bundle), so any text works.

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idlm.errors import StageError
 from idlm.serving.gate_decision import (
     BASELINE,
     Thresholds,
@@ -42,7 +43,6 @@ from idlm.serving.gate_decision import (
     misses_table,
     read_scores,
 )
-from idlm.stage import StageError
 
 LOG = logging.getLogger("idlm.gate")
 # ------------------------------------------------------------------ the stage
@@ -60,7 +60,7 @@ def arm_targets(cfg: Any) -> list[ArmTarget]:
     """The configured arms, AR first, with the folders verify and evaluate use (ar: the
     pinned base, isd: the IC model, risd: base + gated LoRA) unless the arm names its own;
     checked before anything is started."""
-    from idlm.config_paths import resolve_path
+    from idlm.config.paths import resolve_path
 
     targets = []
     for name in sorted(cfg.gate.arms, key=lambda arm: (arm != BASELINE, arm)):
@@ -93,7 +93,7 @@ def _default_model(cfg: Any, arm: str) -> Path:
 
 def load_plan(cfg: Any, targets: list[ArmTarget]) -> Any:
     """The guidellm plan shared by every arm: levels, counts, prompts, tokenizer."""
-    from idlm.config_paths import resolve_path
+    from idlm.config.paths import resolve_path
     from idlm.serving.loadtest import LoadPlan
 
     gate = cfg.gate

@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 BASELINE = "ar"
 

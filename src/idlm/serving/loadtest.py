@@ -27,7 +27,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from idlm.stage import StageError
+from idlm.errors import StageError
 
 METRICS = ("per_request_tok_s", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
            "tpot_p50_ms", "tpot_p99_ms")

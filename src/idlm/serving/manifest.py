@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from idlm.errors import StageError
 from idlm.model.hub import sha256_of_file
-from idlm.stage import StageError, write_json_atomic
+from idlm.stage import write_json_atomic
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "idlm-bundle/1"

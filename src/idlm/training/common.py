@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from idlm.config import Config, TrainSettings
-from idlm.stage import StageError, atomic_dir
+from idlm.errors import StageError
+from idlm.stage import atomic_dir
 from idlm.training.batches import Rows, ar_batch, ic_batch
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -24,13 +27,20 @@ def init(device: str) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    rendezvous: dict[str, object] = {}
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A world of one meets itself through a file, not a port: a free port picked here
+        # can be taken by another process before the store binds it (EADDRINUSE, seen
+        # with two pipelines on one machine).
+        store = Path(tempfile.mkdtemp(prefix="idlm-dist-")) / "store"
+        atexit.register(shutil.rmtree, store.parent, True)
+        rendezvous = {"init_method": store.as_uri(), "rank": 0, "world_size": 1}
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
-                                   verbose=False)
+                                   verbose=False, **rendezvous)
         atexit.register(shutdown)
     global _launched_world
     _launched_world = dist.get_world_size()

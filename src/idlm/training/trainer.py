@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from idlm.config import TrainSettings
-from idlm.config_paths import resolve_path
+from idlm.config.paths import resolve_path
 from idlm.training import distributed
 
 # compute(model, step, micro, rank) -> (loss, stats for logging, tokens in the micro-batch)

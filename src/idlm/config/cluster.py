@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from idlm.config_downstream import Section
+from idlm.config.sections import Section
 
 
 class SlurmSettings(Section):

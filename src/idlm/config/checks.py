@@ -1,47 +1,11 @@
-"""Where the config lives and the files it names: the workspace (the checkout we act on),
-its configs and active ``params.yaml``, and the check that every file a config names
-exists before any heavy work starts. Imports nothing heavy, as ``config`` does not."""
+"""The check that every file a config names exists, before any heavy work starts."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from idlm.config import Config
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-def workspace() -> Path:
-    """The project checkout we act on: $IDLM_WORKSPACE, else the nearest folder (from the
-    current directory up) holding dvc.yaml, else the checkout this package came from.
-    DVC runs stage commands from the folder of dvc.yaml, so stages find it either way."""
-    if os.environ.get("IDLM_WORKSPACE"):
-        return Path(os.environ["IDLM_WORKSPACE"]).resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file() and (folder / "configs").is_dir():
-            return folder
-    return PACKAGE_ROOT
-
-
-def config_dir() -> Path:
-    return workspace() / "configs"
-
-
-def active_config() -> Path:
-    return workspace() / "params.yaml"
-
-
-# The outputs folder of every profile, relative to the repository root.
-DEFAULT_OUTPUTS = "outputs"
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line for the user."""
-
+from idlm.config.paths import DEFAULT_OUTPUTS, ConfigError, looks_local, resolve_path, workspace
+from idlm.config.schema import Config
 
 
 def check_files(cfg: Config, source: str | Path) -> None:
@@ -78,12 +42,3 @@ def _made_by_a_stage(cfg: Config, value: str) -> bool:
     path = resolve_path(value).resolve()
     roots = (cfg.out().resolve(), (workspace() / DEFAULT_OUTPUTS).resolve())
     return any(path.is_relative_to(root) for root in roots)
-
-
-def looks_local(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
-
-
-def resolve_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else workspace() / path

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from idlm.config_paths import ConfigError, config_dir
+from idlm.config.paths import ConfigError, config_dir
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Config sections of the stages after training: verify, evaluate, export and gate.
 
-Split from :mod:`idlm.config` (which assembles the whole schema and loads it) along the
+Split from :mod:`idlm.config.schema` (which assembles the whole schema) along the
 pipeline's seam: training on one side, checking, serving and promotion on the other.
 Like it, this imports only pydantic.
 """
@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    """Every config section: unknown keys are errors, values are frozen."""
-
-    # inf and nan are out of every numeric domain (an lr of inf passes gt=0 otherwise).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+from idlm.config.sections import Section
 
 
 # ---------------------------------------------------------------- verify

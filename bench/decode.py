@@ -75,7 +75,7 @@ def make_prompts(args: argparse.Namespace, engine: Any, count: int) -> list[list
 
     path = resolve(args.prompts)
     if path.is_file() and not args.random_tiny:
-        from idlm.generate_cli import encode_prompt
+        from idlm.cli.generate import encode_prompt
 
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and all("prompt_ids" in row for row in rows):

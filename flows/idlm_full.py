@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # No network: the ephemeral server must not try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL the flow starts an ephemeral server, which Prefect gives 20 s;
+    # on a busy 2-core machine its imports alone take longer (the suite's README-command
+    # test timed out beside the retraining test's stages).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _start_warm_imports()
     try:
         result = idlm_full(profile=args.profile, only=args.only, from_stage=args.from_stage,

@@ -9,7 +9,7 @@ from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.serving.export_stage import run
+    from idlm.serving.export.stage import run
 
     return run(cfg)
 

@@ -10,7 +10,7 @@ from idlm.stage import exit_process, stage_main
 
 
 def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.serving.gate import run
+    from idlm.serving.gate.stage import run
 
     return run(cfg)
 

@@ -59,7 +59,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     from idlm.data.tokenizer import train_bpe_tokenizer
     from idlm.model.adapter_files import base_fingerprint, save_gated_lora
     from idlm.model.gated_lora import attach_gated_lora
-    from idlm.serving.export_stage import run
+    from idlm.serving.export.stage import run
     from idlm.serving.sglang.install import install
 
     install()

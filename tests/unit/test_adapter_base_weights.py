@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from idlm.cli.generate import main
 from idlm.decoding.loading import load_engine
 from idlm.decoding.requests import DecodingError
-from idlm.generate_cli import main
 from idlm.model.base_weights import (
     WEIGHTS_FIELD,
     BaseWeightsError,

@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 import yaml
 
-from idlm.benchmarks import SandboxSettings, get_benchmark, sandbox
+from idlm.benchmarks import get_benchmark, sandbox
 from idlm.benchmarks.base import Sample
 from idlm.benchmarks.registry import REAL_SUITE, TINY_SUITE
+from idlm.config.downstream import EvalSandbox
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ANSWERS = FIXTURES / "answers"
-SANDBOX = SandboxSettings(timeout_s=3.0, memory_mb=1024, workers=1,
+SANDBOX = EvalSandbox(timeout_s=3.0, memory_mb=1024, workers=1,
                           allow_unsandboxed=not sandbox.isolation_available())
 UNSET = object()
 

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from idlm.benchmarks import SamplingSettings
 from idlm.benchmarks.backends import Backend
 from idlm.benchmarks.endpoint import EndpointBackend
+from idlm.config.downstream import EvalSampling
 
 
 class StubState:
@@ -88,7 +88,7 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-PAPER = SamplingSettings()  # T=1.0, top-p 0.95, top-k 50
+PAPER = EvalSampling()  # T=1.0, top-p 0.95, top-k 50
 
 
 def test_request_body_carries_sampling_and_thinking(stub) -> None:
@@ -102,7 +102,7 @@ def test_request_body_carries_sampling_and_thinking(stub) -> None:
     assert (body["temperature"], body["top_p"], body["top_k"]) == (1.0, 0.95, 50)
     assert body["max_tokens"] == PAPER.max_new_tokens and body["seed"] == 12345
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
-    backend.generate([user("hi")], SamplingSettings(temperature=0.0), thinking=True)
+    backend.generate([user("hi")], EvalSampling(temperature=0.0), thinking=True)
     assert (state.bodies[1]["top_p"], state.bodies[1]["top_k"]) == (1.0, -1)
     assert state.bodies[1]["chat_template_kwargs"] == {"enable_thinking": True}
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from idlm.benchmarks import BenchmarkSettings, EvaluateSettings, SamplingSettings
 from idlm.benchmarks.backends import Backend, render_prompt
 from idlm.benchmarks.engine_backend import EngineBackend
 from idlm.benchmarks.runner import log_path, run_evaluation
+from idlm.config.downstream import EvalOverride, EvalSampling, EvaluateSection
 from tests.conftest import tiny_qwen3
 
 ITEMS = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks" / "tiny_eval_items.jsonl"
@@ -55,10 +55,10 @@ def test_greedy_risd_answers_equal_the_ar_base(tokenizer, tmp_path: Path) -> Non
                "risd": EngineBackend(risd_engine, "isd", stride=3)}
     assert all(isinstance(backend, Backend) for backend in systems.values())
     assert systems["risd"].name == "risd" and systems["isd"].name == "isd"
-    settings = EvaluateSettings(
+    settings = EvaluateSection(
         benchmarks=BENCHMARKS, batch_size=8,
-        sampling=SamplingSettings(temperature=0.0, max_new_tokens=12),
-        overrides={name: BenchmarkSettings(path=str(ITEMS)) for name in BENCHMARKS})
+        sampling=EvalSampling(temperature=0.0, max_new_tokens=12),
+        overrides={name: EvalOverride(path=str(ITEMS)) for name in BENCHMARKS})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model gains nothing from more on a shared machine
     try:

@@ -14,13 +14,13 @@ import pytest
 from idlm.benchmarks import (
     REAL_SUITE,
     TINY_SUITE,
-    SandboxSettings,
     benchmark_names,
     get_benchmark,
     sandbox,
 )
 from idlm.benchmarks.code_scoring import decode_lcb_tests
 from idlm.benchmarks.loading import BenchmarkDataError, load_rows
+from idlm.config.downstream import EvalSandbox
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 FIXTURE = {"gpqa_diamond": "gpqa_diamond.csv", "gpqa_main": "gpqa_main.csv",
@@ -177,7 +177,7 @@ def test_lcb_private_tests_decode_without_running_pickled_code() -> None:
 
 @pytest.mark.parametrize("name", ["humaneval", "mbpp", "gsm8k", "math500", "arc_challenge"])
 def test_fixture_gold_answers_score_correct(name: str) -> None:
-    bench = get_benchmark(name, SandboxSettings(
+    bench = get_benchmark(name, EvalSandbox(
         allow_unsandboxed=not sandbox.isolation_available()))
     for one in bench.load(fixture_path(name)):
         if bench.category == "code":

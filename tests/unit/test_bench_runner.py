@@ -15,21 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from idlm.benchmarks import BenchmarkSettings, EvaluateSettings, SamplingSettings
 from idlm.benchmarks.backends import Completion, Messages
 from idlm.benchmarks.loading import BenchmarkDataError
 from idlm.benchmarks.report import scores_table, write_reports
 from idlm.benchmarks.runner import log_path, run_evaluation
+from idlm.config.downstream import EvalOverride, EvalSampling, EvaluateSection
 
 ITEMS = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks" / "tiny_eval_items.jsonl"
 BENCH = "tiny_multiple_choice"  # 4 items in the fixture
 
 
-def settings(**changes) -> EvaluateSettings:
+def settings(**changes) -> EvaluateSection:
     base = dict(benchmarks=(BENCH,), batch_size=1,
-                sampling=SamplingSettings(temperature=1.0, max_new_tokens=32, seed=7),
-                overrides={BENCH: BenchmarkSettings(path=str(ITEMS))})
-    return EvaluateSettings(**{**base, **changes})
+                sampling=EvalSampling(temperature=1.0, max_new_tokens=32, seed=7),
+                overrides={BENCH: EvalOverride(path=str(ITEMS))})
+    return EvaluateSection(**{**base, **changes})
 
 
 class SeededBackend:
@@ -43,7 +43,7 @@ class SeededBackend:
         self.fail_ids = set(fail_ids)
         self.thinking: list[bool | None] = []
 
-    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+    def generate(self, prompts: Sequence[Messages], sampling: EvalSampling,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
                  ) -> list[Completion]:
         self.thinking.append(thinking)
@@ -145,7 +145,7 @@ def test_per_sample_log_fields(tmp_path: Path) -> None:
 class HalfUnreadable(SeededBackend):
     """Every other sample never closes its thinking (the budget ran out): no answer to read."""
 
-    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+    def generate(self, prompts: Sequence[Messages], sampling: EvalSampling,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
                  ) -> list[Completion]:
         done = super().generate(prompts, sampling, seeds, thinking)
@@ -191,7 +191,7 @@ def test_a_benchmark_with_no_samples_is_refused_before_any_generation(tmp_path: 
     backend = SeededBackend()
     with pytest.raises(BenchmarkDataError) as refused:
         run_evaluation({"seeded": backend}, settings(overrides={
-            BENCH: BenchmarkSettings(path=str(others))}), tmp_path / "out")
+            BENCH: EvalOverride(path=str(others))}), tmp_path / "out")
     message = str(refused.value)
     assert message.startswith(f"{BENCH}: no samples in {others} of kind 'multiple_choice'")
     assert "\n" not in message and backend.prompts == []

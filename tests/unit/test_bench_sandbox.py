@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from idlm.benchmarks import SandboxSettings, get_benchmark, sandbox
+from idlm.benchmarks import get_benchmark, sandbox
 from idlm.benchmarks.sandbox import SandboxUnavailable, run_program
+from idlm.config.downstream import EvalSandbox
 
-LIMITS = SandboxSettings(timeout_s=2, memory_mb=512, max_processes=16, max_file_mb=4)
+LIMITS = EvalSandbox(timeout_s=2, memory_mb=512, max_processes=16, max_file_mb=4)
 needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(),
                                      reason="needs root and a working `unshare`")
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
@@ -107,12 +108,12 @@ def test_unsandboxed_code_needs_an_explicit_opt_in(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(sandbox, "isolation_available", lambda: False)
     with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
         run_program({"main.py": "print(1)"}, "main.py", LIMITS)
-    opted_in = SandboxSettings(timeout_s=5, allow_unsandboxed=True)
+    opted_in = EvalSandbox(timeout_s=5, allow_unsandboxed=True)
     result = run_program({"main.py": "import os\nprint(os.path.basename(os.getcwd()))"},
                          "main.py", opted_in)
     assert result.status == "ok" and result.stdout.strip() == "work"
     loop = run_program({"main.py": "while True: pass"}, "main.py",
-                       SandboxSettings(timeout_s=0.5, allow_unsandboxed=True))
+                       EvalSandbox(timeout_s=0.5, allow_unsandboxed=True))
     assert loop.status == "timeout"
 
 

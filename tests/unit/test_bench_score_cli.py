@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from idlm import score_cli
 from idlm.benchmarks import sandbox
+from idlm.cli import score as score_cli
 
 # Our own candidates only; without namespaces (not root) they run with rlimits only.
 UNSANDBOXED = [] if sandbox.isolation_available() else ["--allow-unsandboxed"]

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from idlm.benchmarks import SandboxSettings, get_benchmark, sandbox
+from idlm.benchmarks import get_benchmark, sandbox
 from idlm.benchmarks.base import Sample
+from idlm.config.downstream import EvalSandbox
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 # These candidates are ours; where namespaces are unavailable (not root) they may run with
 # rlimits only, so the scorers are tested everywhere. Containment is test_bench_sandbox's.
-SANDBOX = SandboxSettings(timeout_s=1.5, memory_mb=1024, workers=1,
+SANDBOX = EvalSandbox(timeout_s=1.5, memory_mb=1024, workers=1,
                           allow_unsandboxed=not sandbox.isolation_available())
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from idlm.generate_cli import main
+from idlm.cli.generate import main
 from idlm.model.adapter_files import base_fingerprint, save_gated_lora
 from idlm.model.gated_lora import attach_gated_lora
 

@@ -21,10 +21,11 @@ import yaml
 
 from idlm import config as config_mod
 from idlm import tracking
+from idlm.config.downstream import ExportSection
 from idlm.decoding.loading import load_engine
-from idlm.serving import export
-from idlm.serving.export_stage import check_prompts, greedy_outputs, run
-from idlm.serving.manifest import MANIFEST, BundleError, verify_bundle
+from idlm.serving.export import bundle as export
+from idlm.serving.export.manifest import MANIFEST, BundleError, verify_bundle
+from idlm.serving.export.stage import check_prompts, greedy_outputs, run
 from idlm.serving.sglang import ALGORITHM_NAME, ARCHITECTURE
 from idlm.serving.sglang.compat import config_problems, effective_config
 from tests.conftest import tiny_qwen3
@@ -215,7 +216,7 @@ def test_pretrained_base_is_referenced_by_fingerprint_not_copied(
         "mask_token_id"]
     bundle = tmp_path / "risd"
     export.export_risd(pin, None, cfg.out("lora", "adapter"), cfg.out("prepare", "tokenizer"),
-                       bundle, export.ServeSettings(stride=3), (mask, 0), {"test": True})
+                       bundle, ExportSection(stride=3), (mask, 0), {"test": True})
     assert not (bundle / "base").exists()
     manifest = verify_bundle(bundle)
     assert manifest["launch"][manifest["launch"].index("--model-path") + 1] == str(base)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from idlm.serving.gate_decision import Thresholds, decide, misses_table, read_scores, speedups
-from idlm.serving.gate_report import markdown
-from idlm.serving.loadtest import LevelRun, summarise
+from idlm.serving.gate.decision import Thresholds, decide, misses_table, read_scores, speedups
+from idlm.serving.gate.loadtest import LevelRun, summarise
+from idlm.serving.gate.report import markdown
 
 PAPER = Thresholds(min_speedup={"isd": {1: 2.30, 64: 1.34}, "risd": {1: 2.0}},
                    max_error_rate=0.0, max_quality_drop=5.0,

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from idlm.errors import StageError
-from idlm.serving.loadtest import ServerSpec, free_port, idlm_servers
+from idlm.serving.gate.loadtest import ServerSpec, free_port, idlm_servers
 
 
 def test_a_server_that_dies_at_start_up_stops_the_others(tmp_path: Path) -> None:

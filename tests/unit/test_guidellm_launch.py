@@ -1,4 +1,4 @@
-"""The gate starts guidellm through ``idlm.serving.guidellm_launch`` (its CLI with the
+"""The gate starts guidellm through ``idlm.serving.gate.guidellm_launch`` (its CLI with the
 forkserver preloaded): the launcher must be guidellm's CLI, arguments and exit code."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "idlm.serving.guidellm_launch", *args],
+    return subprocess.run([sys.executable, "-m", "idlm.serving.gate.guidellm_launch", *args],
                           capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -46,8 +46,8 @@ def build_model_dir(root: Path, texts: list[str] = TEXTS, seed: int = 0,
 @contextmanager
 def running_server(engine: Any, **options: Any) -> Iterator[str]:
     """uvicorn on a thread, port 0 (a free one); yields the base URL, stops on exit."""
-    from idlm.serving.server import build_server
-    from idlm.serving.server_settings import ServerSettings
+    from idlm.serving.http.server import build_server
+    from idlm.serving.http.settings import ServerSettings
 
     settings = ServerSettings(**{"model_name": NAME, "mode": "isd", "stride": STRIDE,
                                 "port": 0, "log_level": "warning", **options})

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from idlm.benchmarks import BenchmarkSettings, EvaluateSettings, SamplingSettings
 from idlm.benchmarks.endpoint import EndpointBackend
 from idlm.benchmarks.engine_backend import engine_backend
 from idlm.benchmarks.runner import log_path, run_evaluation
+from idlm.config.downstream import EvalOverride, EvalSampling, EvaluateSection
 from tests.unit.test_serve import NAME, build_model_dir, running_server
 
 ITEMS = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks" / "tiny_eval_items.jsonl"
@@ -59,10 +59,10 @@ def test_endpoint_on_idlm_serve_equals_the_in_process_engine(folders, tmp_path: 
     model_dir, adapter_dir = folders
     adapter = adapter_dir if system == "risd" else None
     in_process = engine_backend(model_dir, adapter, system=system, stride=STRIDE)
-    settings = EvaluateSettings(
+    settings = EvaluateSection(
         benchmarks=BENCHMARKS, batch_size=8,
-        sampling=SamplingSettings(temperature=0.0, max_new_tokens=12),
-        overrides={name: BenchmarkSettings(path=str(ITEMS)) for name in BENCHMARKS})
+        sampling=EvalSampling(temperature=0.0, max_new_tokens=12),
+        overrides={name: EvalOverride(path=str(ITEMS)) for name in BENCHMARKS})
     served_engine = load_engine(model_dir, adapter, system, max_batch_size=8)
     with running_server(served_engine, mode=system, max_waiting=64) as url:
         endpoint = EndpointBackend(url, NAME, name="served", concurrency=4, retries=0)

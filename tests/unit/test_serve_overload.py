@@ -62,7 +62,7 @@ async def _load(url: str) -> tuple[list[int], list[float]]:
 
 @pytest.mark.slow
 def test_256_clients_get_only_200_or_429_and_memory_stays_bounded(tmp_path: Path) -> None:
-    from idlm.serving import loadtest
+    from idlm.serving.gate import loadtest
 
     model = build_model_dir(tmp_path / "model", seed=3)
     port = loadtest.free_port()

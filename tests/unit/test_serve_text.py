@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from idlm.serving.text import TextStream, cut_at_stop
+from idlm.serving.http.text import TextStream, cut_at_stop
 from tests.unit.test_serve import TEXTS
 
 TEXT = "what is 2 plus 3? héllo wörld ✓✓ 2+3=5 → done"

@@ -242,8 +242,9 @@ def test_unreadable_adapter_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_algorithm_name_is_what_the_export_launches_with() -> None:
-    from idlm.serving.export import ServeSettings, launch_argv
+    from idlm.config.downstream import ExportSection
+    from idlm.serving.export.bundle import launch_argv
 
-    argv = launch_argv(ServeSettings(), "{bundle}", "{bundle}")
+    argv = launch_argv(ExportSection(), "{bundle}", "{bundle}")
     assert argv[argv.index("--dllm-algorithm") + 1] == ALGORITHM_NAME
     assert "--no-dllm-fdfo" in argv and "--max-running-requests" in argv

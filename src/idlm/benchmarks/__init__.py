@@ -17,24 +17,14 @@ from idlm.benchmarks.registry import (
     get_benchmark,
     register,
 )
-from idlm.benchmarks.settings import (
-    BenchmarkSettings,
-    EvaluateSettings,
-    SamplingSettings,
-    SandboxSettings,
-    with_tiny_items,
-)
+from idlm.benchmarks.settings import with_tiny_items
 
 __all__ = [
     "REAL_SUITE",
     "TINY_SUITE",
     "Benchmark",
-    "BenchmarkSettings",
     "DataSource",
-    "EvaluateSettings",
     "Sample",
-    "SamplingSettings",
-    "SandboxSettings",
     "Verdict",
     "benchmark_class",
     "benchmark_names",

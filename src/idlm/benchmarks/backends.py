@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from idlm.benchmarks.settings import SamplingSettings
+from idlm.config.downstream import EvalSampling
 
 Messages = Sequence[Mapping[str, str]]
 FinishReason = Literal["stop", "length", "error"]
@@ -46,7 +46,7 @@ class Backend(Protocol):
     @property
     def identity(self) -> dict[str, Any]: ...
 
-    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+    def generate(self, prompts: Sequence[Messages], sampling: EvalSampling,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
                  ) -> list[Completion]: ...
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from idlm.benchmarks.loading import DataSource, load_rows
-from idlm.benchmarks.settings import SandboxSettings
+from idlm.config.downstream import EvalSandbox
 
 CATEGORIES = ("multiple_choice", "math", "code", "instruction")
 
@@ -47,8 +47,8 @@ class Benchmark:
     # A benchmark's own token budget (e.g. MC answers need fewer); capped by the suite's.
     default_max_new_tokens: ClassVar[int | None] = None
 
-    def __init__(self, sandbox: SandboxSettings | None = None) -> None:
-        self.sandbox = sandbox or SandboxSettings()
+    def __init__(self, sandbox: EvalSandbox | None = None) -> None:
+        self.sandbox = sandbox or EvalSandbox()
 
     def load(self, path: str | None = None, revision: str | None = None,
              limit: int | None = None) -> list[Sample]:

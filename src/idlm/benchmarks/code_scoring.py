@@ -23,7 +23,7 @@ from typing import Any
 from idlm.benchmarks.answers import THINK_OPEN, defined_functions, extract_code, strip_thinking
 from idlm.benchmarks.base import Verdict
 from idlm.benchmarks.sandbox import ExecutionResult, run_program
-from idlm.benchmarks.settings import SandboxSettings
+from idlm.config.downstream import EvalSandbox
 
 LCB_HARNESS = Path(__file__).with_name("_lcb_harness.py")
 LCB_TEST_TIMEOUT_S = 6.0  # LiveCodeBench's own per-test limit
@@ -99,7 +99,7 @@ def _no_code(answer: CodeAnswer) -> Verdict | None:
     return Verdict(False, None, f"nothing extracted: no code in the answer ({answer.rule})")
 
 
-def run_test_program(program: str, answer: CodeAnswer, settings: SandboxSettings) -> Verdict:
+def run_test_program(program: str, answer: CodeAnswer, settings: EvalSandbox) -> Verdict:
     """Run ``program`` (candidate + tests) and pass it if it reaches the end."""
     if (empty := _no_code(answer)) is not None:
         return empty
@@ -150,7 +150,7 @@ def decode_lcb_tests(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def score_lcb(answer: CodeAnswer, cases: list[dict[str, Any]], func_name: str | None,
-              settings: SandboxSettings) -> Verdict:
+              settings: EvalSandbox) -> Verdict:
     """All of a problem's test cases in one sandboxed run, each with its own time limit."""
     code = answer.code
     if not cases:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from idlm.benchmarks.backends import Completion, Messages
-from idlm.benchmarks.settings import SamplingSettings
+from idlm.config.downstream import EvalSampling
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -42,7 +42,7 @@ class EndpointBackend:
     def identity(self) -> dict[str, Any]:
         return {"url": self.url, "model": self.model, **self.extra_body}
 
-    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+    def generate(self, prompts: Sequence[Messages], sampling: EvalSampling,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
                  ) -> list[Completion]:
         import httpx
@@ -56,7 +56,7 @@ class EndpointBackend:
                        for messages, seed in zip(prompts, seeds, strict=True)]
             return [future.result() for future in futures]
 
-    def request_body(self, messages: Messages, sampling: SamplingSettings, seed: int,
+    def request_body(self, messages: Messages, sampling: EvalSampling, seed: int,
                      thinking: bool) -> dict[str, Any]:
         return {"model": self.model, "messages": [dict(m) for m in messages],
                 "temperature": sampling.temperature,
@@ -65,7 +65,7 @@ class EndpointBackend:
                 "max_tokens": sampling.max_new_tokens, "seed": seed % (1 << 31), "n": 1,
                 "chat_template_kwargs": {"enable_thinking": thinking}, **self.extra_body}
 
-    def _one(self, client: Any, messages: Messages, sampling: SamplingSettings,
+    def _one(self, client: Any, messages: Messages, sampling: EvalSampling,
              seed: int, thinking: bool) -> Completion:
         import httpx
 

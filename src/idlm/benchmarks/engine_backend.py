@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from idlm.benchmarks.backends import Completion, Messages, render_prompt
-from idlm.benchmarks.settings import SamplingSettings
+from idlm.config.downstream import EvalSampling
 from idlm.decoding import algorithms  # the registry (light: no torch)
-
-System = Literal["ar", "isd", "risd"]
+from idlm.systems import System
 
 
 class EngineBackend:
@@ -46,7 +45,7 @@ class EngineBackend:
                 "stride": self.stride if self.drafting else 1, "proposal": self.proposal,
                 "weights": self.weights}
 
-    def generate(self, prompts: Sequence[Messages], sampling: SamplingSettings,
+    def generate(self, prompts: Sequence[Messages], sampling: EvalSampling,
                  seeds: Sequence[int] | None = None, thinking: bool | None = None
                  ) -> list[Completion]:
         from idlm.decoding import GenerationRequest, SamplingParams

@@ -12,34 +12,31 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from idlm.config import Config
+from idlm.config.downstream import EvaluateSection
 from idlm.errors import StageError
 from idlm.stage import write_json_atomic
 
 METRICS = "metrics.json"
 
 
-def settings_from(cfg: Config) -> Any:
-    """The library's EvaluateSettings from the config (tiny_* sets point at prepare's items)."""
+def settings_from(cfg: Config) -> EvaluateSection:
+    """The config's evaluate section, the tiny sets pointed at prepare's held-out items."""
     from idlm.benchmarks.registry import benchmark_names
-    from idlm.benchmarks.settings import EvaluateSettings, with_tiny_items
+    from idlm.benchmarks.settings import with_tiny_items
 
     section = cfg.evaluate
     unknown = [name for name in section.benchmarks if name not in benchmark_names()]
     if unknown:
         raise StageError(f"evaluate.benchmarks: unknown {', '.join(unknown)} (known: "
                          f"{', '.join(benchmark_names())})")
-    known = {f.name for f in fields(EvaluateSettings)}
-    data = {k: v for k, v in section.model_dump().items() if k in known}
-    settings = EvaluateSettings.from_mapping(data)
-    return with_tiny_items(settings, str(cfg.out("prepare", "eval_items.jsonl")))
+    return with_tiny_items(section, str(cfg.out("prepare", "eval_items.jsonl")))
 
 
-def _check_sandbox(settings: Any) -> None:
+def _check_sandbox(settings: EvaluateSection) -> None:
     """Refuse code benchmarks without isolation *before* loading any model."""
     from idlm.benchmarks.registry import benchmark_class
     from idlm.benchmarks.sandbox import SandboxUnavailable, check_allowed
@@ -51,7 +48,7 @@ def _check_sandbox(settings: Any) -> None:
             raise StageError(str(exc)) from None
 
 
-def backends(cfg: Config, settings: Any) -> dict[str, Any]:
+def backends(cfg: Config, settings: EvaluateSection) -> dict[str, Any]:
     """One backend per configured system: its endpoint if configured, else the in-process
     engine on the verify stage's model folders."""
     from idlm.benchmarks.endpoint import EndpointBackend

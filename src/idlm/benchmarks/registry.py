@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Callable
 
 from idlm.benchmarks.base import Benchmark
-from idlm.benchmarks.settings import SandboxSettings
+from idlm.config.downstream import EvalSandbox
 
 # The paper's 14 benchmarks plus HumanEval+ (our 15th), in the paper's table order.
 REAL_SUITE: tuple[str, ...] = (
@@ -48,11 +48,11 @@ def benchmark_class(name: str) -> type[Benchmark]:
     return _REGISTRY[name]
 
 
-def get_benchmark(name: str, sandbox: SandboxSettings | None = None) -> Benchmark:
+def get_benchmark(name: str, sandbox: EvalSandbox | None = None) -> Benchmark:
     """A ready benchmark; code benchmarks run candidates under ``sandbox``'s limits."""
     return benchmark_class(name)(sandbox)
 
 
-def all_benchmarks(sandbox: SandboxSettings | None = None,
+def all_benchmarks(sandbox: EvalSandbox | None = None,
                    keep: Callable[[str], bool] = lambda _name: True) -> list[Benchmark]:
     return [get_benchmark(name, sandbox) for name in benchmark_names() if keep(name)]

@@ -29,7 +29,7 @@ from idlm.benchmarks.backends import Backend, Completion, sample_seed
 from idlm.benchmarks.base import Benchmark, Sample, Verdict
 from idlm.benchmarks.loading import BenchmarkDataError
 from idlm.benchmarks.registry import get_benchmark
-from idlm.benchmarks.settings import EvaluateSettings, SamplingSettings
+from idlm.config.downstream import EvalSampling, EvaluateSection
 
 Log = Callable[[str], None]
 
@@ -86,11 +86,11 @@ def log_path(out_dir: Path, system: str, benchmark: str) -> Path:
     return out_dir / "samples" / system / f"{benchmark}.jsonl"
 
 
-def fingerprint(system: str, benchmark: Benchmark, sampling: SamplingSettings, thinking: bool,
+def fingerprint(system: str, benchmark: Benchmark, sampling: EvalSampling, thinking: bool,
                 data: Mapping[str, Any], backend_identity: Mapping[str, Any] | None = None
                 ) -> str:
     """What makes two runs' samples comparable; a change starts the log afresh."""
-    payload = {"system": system, "benchmark": benchmark.name, "sampling": asdict(sampling),
+    payload = {"system": system, "benchmark": benchmark.name, "sampling": sampling.model_dump(),
                "thinking": thinking, "source": benchmark.source.describe(), "data": dict(data),
                "backend": dict(backend_identity or {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -169,7 +169,7 @@ def _score_all(benchmark: Benchmark, samples: Sequence[Sample],
 
 
 def evaluate_benchmark(system: str, backend: Backend, benchmark: Benchmark,
-                       samples: Sequence[Sample], path: Path, sampling: SamplingSettings,
+                       samples: Sequence[Sample], path: Path, sampling: EvalSampling,
                        batch_size: int, run_fingerprint: str, scoring_workers: int = 1,
                        thinking: bool | None = None, log: Log = _stderr) -> BenchmarkResult:
     """Generate and score the samples of ``benchmark`` not yet in the log at ``path``."""
@@ -180,7 +180,7 @@ def evaluate_benchmark(system: str, backend: Backend, benchmark: Benchmark,
     if resumed:
         log(f"{system}/{benchmark.name}: resuming, {resumed} of {len(samples)} already done")
     header = {"system": system, "benchmark": benchmark.name, "fingerprint": run_fingerprint,
-              "sampling": asdict(sampling)}
+              "sampling": sampling.model_dump()}
     generation_seconds = scoring_seconds = 0.0
     for start in range(0, len(todo), max(1, batch_size)):
         chunk = todo[start:start + batch_size]
@@ -210,7 +210,7 @@ def evaluate_benchmark(system: str, backend: Backend, benchmark: Benchmark,
 
 
 # ---------------------------------------------------------------- the suite
-def prepare_benchmark(name: str, settings: EvaluateSettings) -> tuple[Benchmark, list[Sample]]:
+def prepare_benchmark(name: str, settings: EvaluateSection) -> tuple[Benchmark, list[Sample]]:
     """The benchmark and its samples (override path, revision and limit applied)."""
     benchmark = get_benchmark(name, settings.sandbox)
     own = settings.for_benchmark(name)
@@ -225,7 +225,7 @@ def prepare_benchmark(name: str, settings: EvaluateSettings) -> tuple[Benchmark,
 Suite = list[tuple[Benchmark, list[Sample]]]
 
 
-def load_suite(settings: EvaluateSettings) -> Suite:
+def load_suite(settings: EvaluateSection) -> Suite:
     """Every configured benchmark with its samples, read before any model is loaded; a
     benchmark with no samples is refused (it would score 0% of nothing and log nothing)."""
     suite: Suite = []
@@ -238,7 +238,7 @@ def load_suite(settings: EvaluateSettings) -> Suite:
     return suite
 
 
-def run_evaluation(systems: Mapping[str, Backend], settings: EvaluateSettings, out_dir: Path,
+def run_evaluation(systems: Mapping[str, Backend], settings: EvaluateSection, out_dir: Path,
                    log: Log = _stderr, suite: Suite | None = None) -> list[BenchmarkResult]:
     """Every configured benchmark (``suite``, or loaded now) for every system; returns one
     result per pair."""

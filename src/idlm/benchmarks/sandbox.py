@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from idlm.benchmarks._sandbox_launcher import SETUP_FAILED
-from idlm.benchmarks.settings import SandboxSettings
+from idlm.config.downstream import EvalSandbox
 
 LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
 UNSHARE_FLAGS = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
@@ -85,7 +85,7 @@ def isolation_report() -> str:
     return f"none ({reason}): code benchmarks need allow_unsandboxed to run"
 
 
-def check_allowed(settings: SandboxSettings) -> bool:
+def check_allowed(settings: EvalSandbox) -> bool:
     """True if runs are isolated; raises if they are not and that was not allowed."""
     if isolation_available():
         return True
@@ -117,7 +117,7 @@ def _next_uid() -> int:
     return FIRST_SANDBOX_UID + _uid_random.randrange(SANDBOX_UIDS)
 
 
-def run_program(files: dict[str, str], main: str, settings: SandboxSettings,
+def run_program(files: dict[str, str], main: str, settings: EvalSandbox,
                 stdin: str = "", timeout_s: float | None = None) -> ExecutionResult:
     """Run ``python main`` with ``files`` in a fresh jail; never raises for candidate faults."""
     isolate = check_allowed(settings)

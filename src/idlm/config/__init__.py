@@ -30,6 +30,7 @@ from idlm.config.paths import (
 )
 from idlm.config.schema import (
     Config,
+    FlowConfig,
     HubData,
     LoraSection,
     ModelConfig,
@@ -41,7 +42,7 @@ from idlm.config.schema import (
     TrainSettings,
 )
 
-__all__ = ["DEFAULT_OUTPUTS", "Config", "ConfigError", "HubData", "LoraSection",
+__all__ = ["DEFAULT_OUTPUTS", "Config", "ConfigError", "FlowConfig", "HubData", "LoraSection",
            "ModelConfig", "Optimisation", "Phase", "SyntheticData", "TinyArchitecture",
            "TokenizerSpec", "TrainSettings", "active_config", "config_dir", "dump", "load",
            "load_profile", "pipeline_stages", "validate", "workspace", "write_active"]

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from idlm.config.sections import Section
+from idlm.systems import SYSTEMS, System
 
 
 # ---------------------------------------------------------------- verify
@@ -53,6 +54,10 @@ class EvalSampling(Section):
     max_new_tokens: Annotated[int, Field(gt=0)] = 8192
     seed: Annotated[int, Field(ge=0)] = 0
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
 
 class EvalSandbox(Section):
     """Limits for one code candidate; code benchmarks refuse to run unsandboxed unless
@@ -93,7 +98,7 @@ class EvaluateSection(Section):
     benchmarks: list[str] = ["arc_challenge", "mmlu", "mmlu_pro", "gpqa_diamond", "gpqa_main",
                              "gsm8k", "math500", "mathbench", "aime24", "aime25", "humaneval",
                              "mbpp", "livecodebench_v6", "ifeval", "humaneval_plus"]
-    systems: list[Literal["ar", "isd", "risd"]] = ["ar", "isd", "risd"]
+    systems: list[System] = list(SYSTEMS)
     stride: Annotated[int, Field(ge=2, le=16)] = 4
     thinking: bool = True
     sampling: EvalSampling = EvalSampling()
@@ -103,7 +108,24 @@ class EvaluateSection(Section):
     overrides: dict[str, EvalOverride] = {}
     # Systems served elsewhere (e.g. `risd: {url: http://gpu-node:30000}`); the rest run
     # in process. Each server must already serve that system's model and decoding mode.
-    endpoints: dict[Literal["ar", "isd", "risd"], EvalEndpoint] = {}
+    endpoints: dict[System, EvalEndpoint] = {}
+
+    def for_benchmark(self, name: str) -> EvalOverride:
+        """The overrides of ``name`` with the suite-wide ``limit`` filled in."""
+        own = self.overrides.get(name, EvalOverride())
+        return own if own.limit is not None else own.model_copy(update={"limit": self.limit})
+
+    def sampling_for(self, name: str, default_max_new_tokens: int | None = None
+                     ) -> EvalSampling:
+        """Sampling for ``name``: its own token budget if set, else the benchmark's default
+        (capped by the suite's budget), else the suite's."""
+        own = self.overrides.get(name, EvalOverride()).max_new_tokens
+        if own is not None:
+            return self.sampling.model_copy(update={"max_new_tokens": own})
+        if default_max_new_tokens is not None:
+            budget = min(default_max_new_tokens, self.sampling.max_new_tokens)
+            return self.sampling.model_copy(update={"max_new_tokens": budget})
+        return self.sampling
 
 
 # ---------------------------------------------------------------- export
@@ -151,7 +173,7 @@ class GateArm(Section):
 class GateSection(Section):
     """Load test of I-DLM (ISD) and R-ISD against the AR base; promotes only on pass."""
 
-    arms: dict[Literal["ar", "isd", "risd"], GateArm] = {
+    arms: dict[System, GateArm] = {
         "ar": GateArm(), "isd": GateArm(), "risd": GateArm()}
     concurrencies: list[Annotated[int, Field(gt=0)]] = [1, 4, 16, 64]
     repeats: Annotated[int, Field(gt=0)] = 3

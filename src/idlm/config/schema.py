@@ -247,6 +247,9 @@ class FlowConfig(Section):
     # {AWS_SECRET_ACCESS_KEY: idlm-s3-secret, HF_TOKEN: hf-token}: block names, never values.
     secrets: dict[str, Annotated[str, Field(min_length=1)]] = {}
 
+    def retries_for(self, stage: str) -> int:
+        return self.stage_retries.get(stage, self.retries)
+
 
 # ---------------------------------------------------------------- root
 class Config(Section):

@@ -14,44 +14,17 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from idlm import config as config_mod
 
 PARAMS_FILE = "params.yaml"
 
 
-class FlowSettings(BaseModel):
-    """How ``idlm-full`` runs stages: the ``flow`` section of the config when it has one.
-
-    Nothing here is a stage param, so changing it reruns no stage.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    retries: Annotated[int, Field(ge=0)] = 0
-    retry_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
-    stage_retries: dict[str, Annotated[int, Field(ge=0)]] = {}
-    # Outputs up to this size are copied into MLflow; larger ones are referenced by hash.
-    artifact_max_bytes: Annotated[int, Field(ge=0)] = 8 << 20
-    # After a successful run: push outputs, record the lock on a run branch (storage.py).
-    push: bool = False
-    # ENV name -> Prefect Secret block that fills it when unset (see the flow).
-    secrets: dict[str, str] = {}
-
-    def retries_for(self, stage: str) -> int:
-        return self.stage_retries.get(stage, self.retries)
-
-
 def flow_settings(cfg: config_mod.Config, retries: int | None = None,
-                  stages: list[str] | None = None) -> FlowSettings:
-    """Settings from ``cfg.flow`` (when the config schema has that section), else defaults;
+                  stages: list[str] | None = None) -> config_mod.FlowConfig:
+    """``cfg.flow``, its per-stage retries checked against ``stages`` (dvc.yaml's);
     ``retries`` (a flow parameter) overrides the default for every stage."""
-    section = getattr(cfg, "flow", None)
-    data = section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
-    settings = FlowSettings.model_validate(data)
+    settings = cfg.flow
     unknown = sorted(set(settings.stage_retries) - set(stages or settings.stage_retries))
     if unknown:
         raise config_mod.ConfigError(

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from idlm.config import FlowConfig
 from idlm.orchestration import record, summary
 from idlm.orchestration.dvc_runner import StageFailed, StageOutcome
-from idlm.orchestration.params import FlowSettings, file_sha256, git_commit
+from idlm.orchestration.params import file_sha256, git_commit
 from idlm.orchestration.pipeline import Pipeline
 
 if TYPE_CHECKING:  # mlflow is imported only when a tracker is opened
@@ -43,7 +44,7 @@ class PipelineFailed(RuntimeError):
 
 class PipelineRun:
     def __init__(self, tracker: Tracker, pipeline: Pipeline, resolved: dict[str, Any],
-                 settings: FlowSettings, context: FlowContext) -> None:
+                 settings: FlowConfig, context: FlowContext) -> None:
         self.tracker, self.pipeline, self.resolved = tracker, pipeline, resolved
         self.settings, self.context = settings, context
         self.workspace: Path = pipeline.workspace

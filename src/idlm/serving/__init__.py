@@ -1,1 +1,3 @@
-"""Serving: the OpenAI-compatible server (idlm serve), SGLang export and the load gate."""
+"""Serving, one subpackage per job: ``http`` (``idlm serve``, the OpenAI-compatible server),
+``export`` (the export stage: SGLang bundles and the registry), ``gate`` (the gate stage:
+the load test and the promotion) and ``sglang`` (the plugin SGLang loads)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm.errors import StageError
-from idlm.serving.gate_decision import (
+from idlm.serving.gate.decision import (
     BASELINE,
     Thresholds,
     decide,
@@ -94,7 +94,7 @@ def _default_model(cfg: Any, arm: str) -> Path:
 def load_plan(cfg: Any, targets: list[ArmTarget]) -> Any:
     """The guidellm plan shared by every arm: levels, counts, prompts, tokenizer."""
     from idlm.config.paths import resolve_path
-    from idlm.serving.loadtest import LoadPlan
+    from idlm.serving.gate.loadtest import LoadPlan
 
     gate = cfg.gate
     base = next(t for t in targets if t.name == BASELINE)
@@ -130,7 +130,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 
 def _server_spec(target: ArmTarget, gate: Any, workdir: Path) -> Any:
-    from idlm.serving import loadtest
+    from idlm.serving.gate import loadtest
 
     port = loadtest.free_port()
     return loadtest.ServerSpec(loadtest.serve_command(target.model, target.name, gate.stride,
@@ -148,7 +148,7 @@ def measure_arms(targets: list[ArmTarget], plan: Any, gate: Any,
     otherwise each starts when measured and runs all its repeats."""
     from contextlib import ExitStack
 
-    from idlm.serving import loadtest
+    from idlm.serving.gate import loadtest
 
     local = [t for t in targets if t.url is None]
     together = gate.start_together or not local
@@ -184,7 +184,7 @@ def _interleaved(arms: list[tuple[str, str]], plan: Any, gate: Any, workdir: Pat
     guidellm's output in ``guidellm.out``."""
     from dataclasses import replace
 
-    from idlm.serving import loadtest
+    from idlm.serving.gate import loadtest
 
     for _, url in arms:
         loadtest.wait_until_ready(url, gate.startup_timeout_s)
@@ -205,7 +205,7 @@ def _interleaved(arms: list[tuple[str, str]], plan: Any, gate: Any, workdir: Pat
 
 
 def _load(url: str, plan: Any, workdir: Path) -> tuple[dict[int, Any], dict[str, Any] | None]:
-    from idlm.serving import loadtest
+    from idlm.serving.gate import loadtest
 
     loadtest.warm_up(url, plan)
     levels = loadtest.summarise(loadtest.run_guidellm(plan, url, workdir))
@@ -278,7 +278,7 @@ def conclude(cfg: Any, measurements: dict[str, dict[Any, Any]],
              workspace: Path | None = None) -> dict[str, Any]:
     """Decide from measurements (live or recorded), promote on pass, write the outputs;
     on fail raise ``StageError`` with the table of misses, alias untouched."""
-    from idlm.serving import gate_report
+    from idlm.serving.gate import report as gate_report
     from idlm.stage import write_json_atomic
 
     out = cfg.out("gate")

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from idlm.systems import System
+
 LOG = logging.getLogger("idlm.serve")
 
 
@@ -15,7 +17,7 @@ class ServerSettings:
     """What the server serves and how much it holds; ``port`` 0 picks a free port."""
 
     model_name: str
-    mode: Literal["ar", "isd", "risd"] = "isd"
+    mode: System = "isd"
     stride: int = 4
     host: str = "127.0.0.1"
     port: int = 8000

@@ -96,15 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare.dataset.version, so `dvc repro` reruns prepare and everything after it.")
     refresh.add_argument("--config", default=None, help="default: params.yaml")
     refresh.set_defaults(handler=_data_refresh)
-    from idlm import (  # light: heavy imports happen in their handlers
-        generate_cli,
-        score_cli,
-        serve_cli,
-    )
+    from idlm.cli import generate, score, serve  # light: heavy imports in their handlers
 
-    generate_cli.add_parser(commands)
-    score_cli.add_parser(commands)
-    serve_cli.add_parser(commands)
+    generate.add_parser(commands)
+    score.add_parser(commands)
+    serve.add_parser(commands)
     return parser
 
 
@@ -116,6 +112,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

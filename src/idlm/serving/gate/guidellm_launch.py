@@ -1,4 +1,4 @@
-"""``python -m idlm.serving.guidellm_launch``: guidellm, started so that its worker
+"""``python -m idlm.serving.gate.guidellm_launch``: guidellm, started so that its worker
 processes start fast and several load passes share one start.
 
 guidellm builds a fresh worker group (a manager process and its workers) for every

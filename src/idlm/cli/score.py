@@ -66,11 +66,12 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idlm.benchmarks import SandboxSettings, get_benchmark
+    from idlm.benchmarks import get_benchmark
+    from idlm.config.downstream import EvalSandbox
 
     try:
         request = _request(args)
-        sandbox = SandboxSettings(allow_unsandboxed=args.allow_unsandboxed)
+        sandbox = EvalSandbox(allow_unsandboxed=args.allow_unsandboxed)
         benchmark = get_benchmark(request["benchmark"], sandbox)
         sample = benchmark.sample_from_reference(request["reference"], request["meta"])
         verdict = benchmark.score(request["prediction"], sample)

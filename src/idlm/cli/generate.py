@@ -150,7 +150,7 @@ def _human(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m idlm.generate_cli``) until ``idlm`` wires it in."""
+    """Standalone entry (``python -m idlm.cli.generate``) until ``idlm`` wires it in."""
     parser = argparse.ArgumentParser(prog="idlm")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from idlm.serving.server_settings import ServerSettings
+from idlm.serving.http.settings import ServerSettings
 
 KEEP_ALIVE_S = 75
 
@@ -27,7 +27,7 @@ def build_server(engine: Any, settings: ServerSettings, *, announce: bool = True
     """A uvicorn server (not started) for ``engine``; ``announce`` prints the URL when up."""
     import uvicorn
 
-    from idlm.serving.app import build_app
+    from idlm.serving.http.app import build_app
 
     app = build_app(engine, settings)
     # Keep idle connections longer than clients and proxies do (uvicorn's default is 5 s):

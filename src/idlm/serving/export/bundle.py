@@ -23,13 +23,13 @@ import json
 import os
 import shlex
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from idlm.serving.manifest import BundleError, verify_bundle, write_manifest
+from idlm.config.downstream import ExportSection
+from idlm.serving.export.manifest import BundleError, verify_bundle, write_manifest
 from idlm.serving.sglang import (
     ALGORITHM_CONFIG_FORMAT,
     ALGORITHM_NAME,
@@ -47,25 +47,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
 BUNDLE_PLACEHOLDER = "{bundle}"   # launch arguments are relative to wherever the bundle lands
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """How a bundle is served: ISD stride and proposals, server shape, extra flags."""
-
-    stride: int = 4
-    proposal: str = "sample"
-    seed: int = 0
-    max_running_requests: int = 64
-    attention_backend: str = "flashinfer"
-    extra_server_args: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, section: Any) -> ServeSettings:
-        return cls(section.stride, section.proposal, section.seed,
-                   section.max_running_requests, section.attention_backend,
-                   tuple(section.extra_server_args))
-
-
-def algorithm_config(settings: ServeSettings, mask_token_id: int, pad_token_id: int,
+def algorithm_config(settings: ExportSection, mask_token_id: int, pad_token_id: int,
                      gate: bool) -> dict[str, Any]:
     """``--dllm-algorithm-config``: read by SGLang (``block_size``) and by our algorithm."""
     return {"format": ALGORITHM_CONFIG_FORMAT, "algorithm": ALGORITHM_NAME,
@@ -75,7 +57,7 @@ def algorithm_config(settings: ServeSettings, mask_token_id: int, pad_token_id: 
             "seed": settings.seed, "gate": gate, "adapter": ADAPTER_DIR if gate else None}
 
 
-def launch_argv(settings: ServeSettings, model_path: str, tokenizer_path: str,
+def launch_argv(settings: ExportSection, model_path: str, tokenizer_path: str,
                 revision: str | None = None,
                 model_overrides: dict[str, Any] | None = None) -> list[str]:
     """The SGLang server command. ``--no-dllm-fdfo``: ISD commits 1..N tokens a step, which
@@ -108,7 +90,7 @@ def launch_script(argv: list[str]) -> str:
             + "exec " + " \\\n    ".join(" ".join(line) for line in lines) + " \"$@\"\n")
 
 
-def export_isd(ic_model: Path, tokenizer: Path, out: Path, settings: ServeSettings,
+def export_isd(ic_model: Path, tokenizer: Path, out: Path, settings: ExportSection,
                token_ids: tuple[int, int], source: dict[str, Any]) -> dict[str, Any]:
     """Write the I-DLM bundle (full IC weights) atomically; return its manifest.
     ``token_ids``: (MASK id, pad id) of the tokenizer."""
@@ -129,7 +111,7 @@ def export_isd(ic_model: Path, tokenizer: Path, out: Path, settings: ServeSettin
 
 
 def export_risd(base_reference: dict[str, Any], base_model: Path | None, adapter: Path,
-                tokenizer: Path, out: Path, settings: ServeSettings, token_ids: tuple[int, int],
+                tokenizer: Path, out: Path, settings: ExportSection, token_ids: tuple[int, int],
                 source: dict[str, Any]) -> dict[str, Any]:
     """Write the R-ISD bundle atomically. ``base_model`` given: copied into ``base/`` (the
     tiny profile); None: only referenced (hub id + revision + fingerprint)."""

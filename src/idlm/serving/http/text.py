@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from idlm.serving.protocol import APIError
+from idlm.serving.http.protocol import APIError
 
 INCOMPLETE_CHARACTER = "\ufffd"   # what a decode of a partial UTF-8 sequence ends with
 

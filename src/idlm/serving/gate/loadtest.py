@@ -305,7 +305,7 @@ def run_guidellm_passes(passes: Sequence[tuple[LoadPlan, str, Path]], log_dir: P
     if plan.generator_workers is not None:
         env["GUIDELLM__MAX_WORKER_PROCESSES"] = str(plan.generator_workers)
     # guidellm with its forkserver preloaded, all passes in one start (guidellm_launch.py).
-    command = [sys.executable, "-m", "idlm.serving.guidellm_launch", "passes",
+    command = [sys.executable, "-m", "idlm.serving.gate.guidellm_launch", "passes",
                *map(str, scenarios)]
     output = log_dir / "guidellm.out"
     with open(output, "w") as log:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from idlm.plots import save_figure
-from idlm.serving.gate_decision import BASELINE, Decision, misses_table, paired_ratios
+from idlm.serving.gate.decision import BASELINE, Decision, misses_table, paired_ratios
 
 ARM_TITLES = {"ar": "AR base", "isd": "I-DLM (ISD)", "risd": "R-ISD"}
 

@@ -55,7 +55,7 @@ class EngineWorker:
     """Owns an ``EngineSession`` and runs it on its own thread."""
 
     def __init__(self, session: EngineSession, *, max_waiting: int) -> None:
-        from idlm.serving.metrics import ServerMetrics
+        from idlm.serving.http.metrics import ServerMetrics
 
         self.session, self.engine = session, session.engine
         self.max_waiting = max_waiting

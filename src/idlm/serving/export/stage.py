@@ -25,12 +25,12 @@ CHECK_QUESTIONS = ("What is 12+7?", "What is 3*14-5?", "Write a Python function 
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    from idlm.serving import export
-    from idlm.serving.manifest import manifest_sha256
+    from idlm.serving.export import bundle as export
+    from idlm.serving.export.manifest import manifest_sha256
 
     began = time.perf_counter()
     inputs = _inputs(cfg)
-    settings = export.ServeSettings.from_config(cfg.export)
+    settings = cfg.export
     mask, pad = _token_ids(cfg, inputs)
     source = {"ic_model": str(inputs["ic"]), "base_fingerprint": inputs["pin"]["fingerprint"]}
     bundles = {"isd": cfg.out("export", "isd"), "risd": cfg.out("export", "risd")}
@@ -107,7 +107,7 @@ def _round_trip(cfg: Config, inputs: dict[str, Any], bundles: dict[str, Path]
                 ) -> dict[str, dict[str, Any]]:
     """Greedy ISD / R-ISD output of each bundle, loaded back, equals its source's."""
     from idlm.decoding.loading import load_engine
-    from idlm.serving.export import load_bundle
+    from idlm.serving.export.bundle import load_bundle
 
     dtype = cfg.model.dtype
     prompts = check_prompts(inputs["tokenizer"], cfg.export.check_prompts)

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from idlm.systems import SYSTEMS
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``serve`` on the ``idlm`` command's subparsers."""
@@ -33,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--allow-other-base", action="store_true",
                         help="load an adapter on weights other than those it was trained on "
                              "(experiments: R-ISD then equals AR decoding of these weights)")
-    parser.add_argument("--mode", choices=("ar", "isd", "risd"), default="isd",
+    parser.add_argument("--mode", choices=SYSTEMS, default="isd",
                         help="decoding for every request (default isd)")
     parser.add_argument("--stride", type=int, default=4,
                         help="ISD stride N: tokens proposed per forward (default 4)")
@@ -98,8 +100,8 @@ def handle_serve(args: argparse.Namespace) -> int:
         return 2
     from idlm.decoding.loading import load_engine
     from idlm.decoding.requests import DecodingError
-    from idlm.serving.server import serve
-    from idlm.serving.server_settings import ServerSettings
+    from idlm.serving.http.server import serve
+    from idlm.serving.http.settings import ServerSettings
 
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging

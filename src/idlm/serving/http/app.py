@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from idlm.decoding.requests import GenerationRequest, GenerationResult, SamplingParams
-from idlm.serving import protocol as wire
-from idlm.serving.openapi import reserved_template_keys
-from idlm.serving.protocol import APIError
-from idlm.serving.server_settings import LOG, ServerSettings
-from idlm.serving.text import TextStream, chat_prompt_ids, text_ids
-from idlm.serving.worker import (
+from idlm.serving.http import protocol as wire
+from idlm.serving.http.openapi import reserved_template_keys
+from idlm.serving.http.protocol import APIError
+from idlm.serving.http.settings import LOG, ServerSettings
+from idlm.serving.http.text import TextStream, chat_prompt_ids, text_ids
+from idlm.serving.http.worker import (
     DoneEvent,
     EngineWorker,
     Event,
@@ -272,7 +272,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
 
 def _publish_truthful_schema(app: FastAPI, engine: Any, model_name: str) -> None:
     """/openapi.json states the statuses and limits the server enforces (built once)."""
-    from idlm.serving.openapi import truthful_openapi
+    from idlm.serving.http.openapi import truthful_openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -1,0 +1,1 @@
+"""The `export` stage: SGLang-servable bundles, their manifests, the registry."""

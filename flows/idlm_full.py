@@ -17,6 +17,7 @@ Deployments: ``prefect.yaml`` (``idlm-full/local``, ``idlm-full/cluster``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -226,19 +227,31 @@ def _start_warm_imports() -> None:
     threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
 
 
+def _patient_ephemeral_server():  # noqa: ANN202 - a context manager
+    """Without PREFECT_API_URL the flow starts an ephemeral server, which Prefect gives 20 s
+    to answer; on a busy 2-core machine its imports alone take longer (the suite's
+    README-command test timed out beside the retraining test's stages). Prefect reads
+    its settings when it is imported, so the environment is too late: set it here."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT,
+    )
+    from prefect.settings import temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={STARTUP_TIMEOUT: 180})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # No network: the ephemeral server must not try to send telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Without PREFECT_API_URL the flow starts an ephemeral server, which Prefect gives 20 s;
-    # on a busy 2-core machine its imports alone take longer (the suite's README-command
-    # test timed out beside the retraining test's stages).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _start_warm_imports()
     try:
-        result = idlm_full(profile=args.profile, only=args.only, from_stage=args.from_stage,
-                           overrides=args.overrides, retries=args.retries,
-                           workspace=args.workspace)
+        with _patient_ephemeral_server():
+            result = idlm_full(profile=args.profile, only=args.only,
+                               from_stage=args.from_stage, overrides=args.overrides,
+                               retries=args.retries, workspace=args.workspace)
     except (WorkspaceBusy, SelectionError, config_mod.ConfigError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -22,8 +22,12 @@ import yaml
 
 from idlm.benchmarks import get_benchmark, sandbox
 from idlm.benchmarks.base import Sample
-from idlm.benchmarks.registry import REAL_SUITE, TINY_SUITE
+from idlm.benchmarks.registry import suite_names
 from idlm.config.downstream import EvalSandbox
+
+# What the registry finds by scanning suite/ (the tests assert its contents and order).
+REAL_SUITE, TINY_SUITE = suite_names("real"), suite_names("tiny")
+
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ANSWERS = FIXTURES / "answers"

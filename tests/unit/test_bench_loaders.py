@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 
 from idlm.benchmarks import (
-    REAL_SUITE,
-    TINY_SUITE,
     benchmark_names,
     get_benchmark,
     sandbox,
+    suite_names,
 )
 from idlm.benchmarks.code_scoring import decode_lcb_tests
 from idlm.benchmarks.loading import BenchmarkDataError, load_rows
 from idlm.config.downstream import EvalSandbox
+
+# What the registry finds by scanning suite/ (the tests assert its contents and order).
+REAL_SUITE, TINY_SUITE = suite_names("real"), suite_names("tiny")
+
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 FIXTURE = {"gpqa_diamond": "gpqa_diamond.csv", "gpqa_main": "gpqa_main.csv",

@@ -175,7 +175,7 @@ def test_context_leaves_out_runs_environments_and_credentials() -> None:
                  "src/idlm/__pycache__/cli.cpython-312.pyc", ".cache/huggingface/hub", ".env"):
         assert ignored(path, rules), f".dockerignore keeps {path}"
     # What a stage run in the training image's default /workspace needs.
-    for path in ("pyproject.toml", "README.md", "src/idlm/cli.py", "stages", "configs",
+    for path in ("pyproject.toml", "README.md", "src/idlm/cli/__init__.py", "stages", "configs",
                  "dvc.yaml", "params.yaml", ".dvc/config", "flows", "scripts/setup.sh"):
         assert (REPO / path).exists() and not ignored(path, rules), f".dockerignore drops {path}"
 

@@ -10,18 +10,15 @@ under ``suite/``, one registry, shared scorers, a sandbox for code, backends and
 from idlm.benchmarks.base import Benchmark, Sample, Verdict
 from idlm.benchmarks.loading import DataSource
 from idlm.benchmarks.registry import (
-    REAL_SUITE,
-    TINY_SUITE,
     benchmark_class,
     benchmark_names,
     get_benchmark,
     register,
+    suite_names,
 )
 from idlm.benchmarks.settings import with_tiny_items
 
 __all__ = [
-    "REAL_SUITE",
-    "TINY_SUITE",
     "Benchmark",
     "DataSource",
     "Sample",
@@ -30,5 +27,6 @@ __all__ = [
     "benchmark_names",
     "get_benchmark",
     "register",
+    "suite_names",
     "with_tiny_items",
 ]

@@ -44,6 +44,10 @@ class Benchmark:
     title: ClassVar[str]
     category: ClassVar[str]
     source: ClassVar[DataSource]
+    # Which suite lists it ("real": the paper's 15; "tiny": the tiny profile's sets) and
+    # its row in the results table (the paper's order).
+    suite: ClassVar[str] = "real"
+    table_order: ClassVar[int]
     # A benchmark's own token budget (e.g. MC answers need fewer); capped by the suite's.
     default_max_new_tokens: ClassVar[int | None] = None
 

@@ -1,30 +1,22 @@
-"""The benchmark registry: one module per benchmark, each registering its class by name.
+"""The benchmark registry: found by scanning ``suite/``, where each module registers its
+benchmark classes by name (``@register``). A new benchmark is one file there and its test.
 
-Modules are imported on first use, so ``--help`` and config validation stay fast.
+The suite's modules are imported on first use (they are light: no dataset is read until
+``load``), so ``--help`` and config validation stay fast.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 
 from idlm.benchmarks.base import Benchmark
 from idlm.config.downstream import EvalSandbox
 
-# The paper's 14 benchmarks plus HumanEval+ (our 15th), in the paper's table order.
-REAL_SUITE: tuple[str, ...] = (
-    "arc_challenge", "mmlu", "mmlu_pro", "gpqa_diamond", "gpqa_main", "gsm8k", "math500",
-    "mathbench", "aime24", "aime25", "humaneval", "mbpp", "livecodebench_v6", "ifeval",
-    "humaneval_plus",
-)
-# The tiny profile: its generated held-out sets (same formats, same scorers) + HumanEval.
-TINY_SUITE: tuple[str, ...] = (
-    "tiny_arithmetic", "tiny_multiple_choice", "tiny_code", "tiny_instruction",
-    "tiny_humaneval",
-)
-_MODULES = {name: name for name in REAL_SUITE} | {name: "tiny" for name in TINY_SUITE}
-
+SUITE_PACKAGE = "idlm.benchmarks.suite"
 _REGISTRY: dict[str, type[Benchmark]] = {}
+_SCANNED: list[bool] = []
 
 
 def register(cls: type[Benchmark]) -> type[Benchmark]:
@@ -35,16 +27,31 @@ def register(cls: type[Benchmark]) -> type[Benchmark]:
     return cls
 
 
+def _scan() -> dict[str, type[Benchmark]]:
+    """Every benchmark under ``suite/`` (each module imported once)."""
+    if not _SCANNED:
+        package = importlib.import_module(SUITE_PACKAGE)
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{SUITE_PACKAGE}.{module.name}")
+        _SCANNED.append(True)
+    return _REGISTRY
+
+
+def suite_names(suite: str) -> tuple[str, ...]:
+    """The benchmarks of one suite ("real": the paper's 14 plus HumanEval+, in the paper's
+    table order; "tiny": the tiny profile's held-out sets and HumanEval)."""
+    found = [cls for cls in _scan().values() if cls.suite == suite]
+    return tuple(cls.name for cls in sorted(found, key=lambda cls: (cls.table_order, cls.name)))
+
+
 def benchmark_names() -> tuple[str, ...]:
     """Every known benchmark: the real suite, then the tiny one."""
-    return REAL_SUITE + TINY_SUITE
+    return suite_names("real") + suite_names("tiny")
 
 
 def benchmark_class(name: str) -> type[Benchmark]:
-    if name not in _MODULES:
+    if name not in _scan():
         raise KeyError(f"unknown benchmark '{name}'; known: {', '.join(benchmark_names())}")
-    if name not in _REGISTRY:
-        importlib.import_module(f"idlm.benchmarks.suite.{_MODULES[name]}")
     return _REGISTRY[name]
 
 

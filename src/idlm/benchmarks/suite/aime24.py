@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class Aime24(IntegerAnswerBenchmark):
     name = "aime24"
+    table_order = 9
     title = "AIME-24"
     # The hub split is named "train" but holds the 30 test problems.
     source = DataSource(hub_id="HuggingFaceH4/aime_2024", split="train",

@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class Aime25(IntegerAnswerBenchmark):
     name = "aime25"
+    table_order = 10
     title = "AIME-25"
     source = DataSource(hub_id="math-ai/aime25", split="test",
                         revision="563bb8404243c5f09de6ec262f2db674fe5bce9b")

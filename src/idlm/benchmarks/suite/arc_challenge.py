@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class ArcChallenge(MultipleChoiceBenchmark):
     name = "arc_challenge"
+    table_order = 1
     title = "ARC-C"
     source = DataSource(hub_id="allenai/ai2_arc", config="ARC-Challenge", split="test",
                         revision="210d026faf9955653af8916fad021475a3f00453")

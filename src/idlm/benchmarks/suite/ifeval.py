@@ -18,6 +18,7 @@ from idlm.benchmarks.registry import register
 @register
 class IfEval(Benchmark):
     name = "ifeval"
+    table_order = 14
     title = "IFEval"
     category = "instruction"
     # No verified commit recorded here yet: pin with evaluate.overrides.ifeval.revision.

@@ -46,6 +46,7 @@ def lcb_prompt(row: dict[str, Any]) -> str:
 @register
 class LiveCodeBenchV6(CodeBenchmark):
     name = "livecodebench_v6"
+    table_order = 13
     title = "LCB-v6"
     source = DataSource(hub_id="livecodebench/code_generation_lite", split="test",
                         files=FILES, sha256=SHA256)

@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class Math500(MathBenchmark):
     name = "math500"
+    table_order = 7
     title = "MATH-500"
     source = DataSource(hub_id="HuggingFaceH4/MATH-500", split="test",
                         revision="6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be")

@@ -17,6 +17,7 @@ from idlm.benchmarks.scoring import score_choice, score_math
 @register
 class MathBench(MathBenchmark):
     name = "mathbench"
+    table_order = 8
     title = "MathBench"
     source = DataSource(url="http://opencompass.oss-cn-shanghai.aliyuncs.com/datasets/data/"
                             "mathbench_v1.zip",

@@ -29,6 +29,7 @@ def tested_function(test: str) -> str | None:
 @register
 class Mbpp(CodeBenchmark):
     name = "mbpp"
+    table_order = 12
     title = "MBPP"
     source = DataSource(hub_id="google-research-datasets/mbpp", config="full", split="test",
                         revision="4bb6404fdc6cacfda99d4ac4205087b89d32030c")

@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class Mmlu(MultipleChoiceBenchmark):
     name = "mmlu"
+    table_order = 2
     title = "MMLU"
     source = DataSource(hub_id="cais/mmlu", config="all", split="test",
                         revision="c30699e8356da336a370243923dbaf21066bb9fe")

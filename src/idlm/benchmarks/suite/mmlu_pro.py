@@ -12,6 +12,7 @@ from idlm.benchmarks.registry import register
 @register
 class MmluPro(MultipleChoiceBenchmark):
     name = "mmlu_pro"
+    table_order = 3
     title = "MMLU-Pro"
     source = DataSource(hub_id="TIGER-Lab/MMLU-Pro", split="test",
                         revision="b189ec765aa7ed75c8acfea42df31fdae71f97be")

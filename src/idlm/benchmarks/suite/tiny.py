@@ -32,6 +32,7 @@ class TinyBenchmark(Benchmark):
     """Items of one ``kind`` from eval_items.jsonl (its path must be given)."""
 
     kind: ClassVar[str]
+    suite = "tiny"
     # What the scorer reads from an item's meta: a row without it cannot be scored (a
     # dataset's code rows carry no unit tests), so it is not a sample.
     meta_keys: ClassVar[tuple[str, ...]] = ()
@@ -62,6 +63,7 @@ class TinyBenchmark(Benchmark):
 @register
 class TinyArithmetic(TinyBenchmark):
     name = "tiny_arithmetic"
+    table_order = 101
     title = "tiny arithmetic"
     category = "math"
     kind = "arithmetic"
@@ -73,6 +75,7 @@ class TinyArithmetic(TinyBenchmark):
 @register
 class TinyMultipleChoice(TinyBenchmark):
     name = "tiny_multiple_choice"
+    table_order = 102
     title = "tiny multiple choice"
     category = "multiple_choice"
     kind = "multiple_choice"
@@ -85,6 +88,7 @@ class TinyMultipleChoice(TinyBenchmark):
 @register
 class TinyCode(TinyBenchmark):
     name = "tiny_code"
+    table_order = 103
     title = "tiny code"
     category = "code"
     kind = "code"
@@ -99,6 +103,7 @@ class TinyCode(TinyBenchmark):
 @register
 class TinyInstruction(TinyBenchmark):
     name = "tiny_instruction"
+    table_order = 104
     title = "tiny instruction"
     category = "instruction"
     kind = "instruction"
@@ -118,6 +123,8 @@ class TinyInstruction(TinyBenchmark):
 @register
 class TinyHumanEval(HumanEval):
     name = "tiny_humaneval"
+    suite = "tiny"
+    table_order = 105
     title = "tiny HumanEval"
     default_max_new_tokens = TINY_MAX_NEW_TOKENS
 

@@ -86,7 +86,7 @@ def test_the_arms_take_turns_within_each_repeat(gate, tmp_path: Path) -> None:
 def test_fail_names_what_missed_and_leaves_the_alias(gate, tmp_path: Path) -> None:
     trained_cfg, measured = gate
     cfg = config.load_profile(PROFILE, [f"outputs={tmp_path}",
-                                        "gate.min_speedup={isd: {1: 50.0}}"])
+                                        "+gate.min_speedup.isd={1: 50.0}"])
     scores = read_scores(trained_cfg.out("evaluate", "scores.json"))
     registered = read_registered(trained_cfg.out("export", "registry.json"))
     with pytest.raises(StageError) as failure:
@@ -114,7 +114,7 @@ def test_missing_inputs_fail_before_any_server_starts(trained: dict, tmp_path: P
     from idlm.serving.gate.stage import run
 
     outputs = Path(trained["cfg"].outputs)
-    base = [f"outputs={outputs}", "gate.arms={ar: {}, isd: {}}"]
+    base = [f"outputs={outputs}", "~gate.arms.risd"]
     cfg = config.load_profile(PROFILE, [*base, "gate.arms.isd.model=/nonexistent/model"])
     with pytest.raises(StageError, match="arm 'isd' needs a model folder at /nonexistent"):
         run(cfg)

@@ -127,7 +127,8 @@ def test_evaluate_through_an_endpoint_matches_the_in_process_engine(
     engine = load_engine(base, adapter, "risd", max_batch_size=8)
     with running_server(engine, mode="risd", stride=4, max_waiting=64) as url:
         served = _cfg(trained, f"outputs={tmp_path}", "evaluate.systems=[risd]",
-                      f"evaluate.endpoints.risd.url={url}", f"evaluate.endpoints.risd.model={NAME}")
+                      f"+evaluate.endpoints.risd.url={url}",
+                      f"+evaluate.endpoints.risd.model={NAME}")
         for stage in ("prepare", "base", "ic", "lora", "verify"):
             shutil.copytree(cfg.out(stage), served.out(stage))
         metrics = evaluate_stage.run(served)

@@ -49,7 +49,7 @@ def aliases(root: Path) -> tuple[str | None, str | None]:
 
 def test_pass_moves_the_alias_to_the_exported_versions(registry) -> None:
     root, exported = registry
-    cfg = gate_config(root, "gate.min_speedup={isd: {1: 1.0}}")
+    cfg = gate_config(root, "~gate.min_speedup", "+gate.min_speedup={isd: {1: 1.0}}")
     metrics = conclude(cfg, recorded(), SCORES, exported, {}, workspace=root)
     assert metrics["passed"] is True and metrics["misses"] == 0
     assert aliases(root) == ("2", "1")
@@ -63,7 +63,7 @@ def test_fail_leaves_the_alias_and_exits_with_the_table(registry) -> None:
     root, exported = registry
     isd_c64 = recorded()["isd"]["64"]["per_request_tok_s"] / \
         recorded()["ar"]["64"]["per_request_tok_s"]
-    cfg = gate_config(root, "gate.min_speedup={isd: {1: 1.0, 64: 9.0}}")
+    cfg = gate_config(root, "~gate.min_speedup", "+gate.min_speedup={isd: {1: 1.0, 64: 9.0}}")
     with pytest.raises(StageError) as failure:
         conclude(cfg, recorded(), SCORES, exported, {}, workspace=root)
     assert aliases(root) == ("1", None)
@@ -75,7 +75,7 @@ def test_a_missing_arm_fails_clearly_and_leaves_the_alias(registry) -> None:
     root, exported = registry
     measurements = recorded()
     del measurements["risd"]
-    cfg = gate_config(root, "gate.min_speedup={isd: {1: 1.0}}")
+    cfg = gate_config(root, "~gate.min_speedup", "+gate.min_speedup={isd: {1: 1.0}}")
     with pytest.raises(StageError, match=r"\| load test \| risd \| - \| no measurements \|"):
         conclude(cfg, measurements, SCORES, exported, {}, workspace=root)
     assert aliases(root) == ("1", None)
@@ -83,7 +83,8 @@ def test_a_missing_arm_fails_clearly_and_leaves_the_alias(registry) -> None:
 
 def test_a_quality_drop_fails_even_when_fast_enough(registry) -> None:
     root, exported = registry
-    cfg = gate_config(root, "gate.min_speedup={isd: {1: 1.0}}", "gate.max_quality_drop=2.0")
+    cfg = gate_config(root, "~gate.min_speedup", "+gate.min_speedup={isd: {1: 1.0}}",
+                     "gate.max_quality_drop=2.0")
     with pytest.raises(StageError, match=r"\| quality \| isd \| tiny_arithmetic \| -3.00 points"):
         conclude(cfg, recorded(), SCORES, exported, {}, workspace=root)
     assert aliases(root) == ("1", None)

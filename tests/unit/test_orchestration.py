@@ -167,7 +167,7 @@ def test_a_bad_override_leaves_params_yaml_untouched(workspace: Path, override: 
 
 def test_retries_come_from_the_config_flow_section_or_the_parameter() -> None:
     assert flow_settings(TINY).retries_for("base") == 0
-    cfg = config_mod.load_profile("tiny", ["flow.retries=2", "flow.stage_retries={ic: 5}",
+    cfg = config_mod.load_profile("tiny", ["flow.retries=2", "+flow.stage_retries.ic=5",
                                            "flow.retry_delay_seconds=1"])
     settings = flow_settings(cfg, stages=["base", "ic"])
     assert (settings.retries_for("base"), settings.retries_for("ic")) == (2, 5)

@@ -3,7 +3,8 @@
 A profile is a YAML file under ``configs/`` (``tiny``, ``qwen3-8b``, ``qwen3-32b``).
 ``params.yaml`` at the repo root is the *active, fully resolved* config: DVC tracks
 its sections as stage params (so ``dvc exp run -S ic.lr=...`` edits it), and
-``idlm config use PROFILE [key=value ...]`` rewrites it from a profile.
+``idlm config use PROFILE [key=value ...]`` rewrites it from a profile. Overrides are
+written in DVC's dialect everywhere (``idlm.config.files.apply_overrides``).
 
 Only pydantic and yaml are imported here, so validation fails fast (well under
 2 s) with one line naming the file, the key and what was expected.
@@ -45,7 +46,8 @@ from idlm.config.schema import (
 __all__ = ["DEFAULT_OUTPUTS", "Config", "ConfigError", "FlowConfig", "HubData", "LoraSection",
            "ModelConfig", "Optimisation", "Phase", "SyntheticData", "TinyArchitecture",
            "TokenizerSpec", "TrainSettings", "active_config", "config_dir", "dump", "load",
-           "load_profile", "pipeline_stages", "validate", "workspace", "write_active"]
+           "load_profile", "pipeline_stages", "resolved_data", "validate", "workspace",
+           "write_active"]
 
 # Parts of an error location that name a member of a union type, not a key.
 _UNION_TAG = re.compile(r"^(constrained-\w+|int|float|bool|str|function-\w+\[.*\]|\w+\[.*\])$")
@@ -76,9 +78,17 @@ def validate(data: dict[str, Any], source: str | Path) -> Config:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load the active config (``params.yaml``) or any config file, with overrides."""
+    """Load the active config (``params.yaml``) or any config file, with overrides.
+
+    Overrides apply to the resolved config (every default filled in), as ``dvc exp run -S``
+    applies them to ``params.yaml``: the same keys exist and the same dialect holds."""
     path = Path(path) if path else active_config()
-    data = apply_overrides(read_config(path), overrides or [])
+    data = read_config(path)
+    if overrides:
+        try:
+            data = apply_overrides(resolved_data(validate(data, path)), overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     cfg = validate(data, path)
     check_files(cfg, path)
     return cfg
@@ -92,8 +102,24 @@ def load_profile(profile: str, overrides: list[str] | None = None) -> Config:
     return load(path, overrides)
 
 
+def resolved_data(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as plain YAML data, every default filled in: what ``params.yaml`` holds.
+    Integer keys (a gate threshold's concurrency) stay integers, as a profile writes them,
+    so an override names them the same way in a profile and in ``params.yaml``."""
+    return _int_keys(cfg.model_dump(mode="json"))
+
+
+def _int_keys(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_int_keys(v) for v in node]
+    return node
+
+
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(resolved_data(cfg), sort_keys=False)
 
 
 def write_active(cfg: Config, path: Path | None = None) -> Path:

@@ -1,12 +1,15 @@
 """A config file as data: YAML read with one-line errors, ``extends: PROFILE`` resolved,
-``key=value`` overrides applied. ``idlm.config`` validates the result against the schema.
+overrides applied in DVC's dialect. ``idlm.config`` validates the result against the schema.
 
-Only yaml is imported here (validation must fail fast, before anything heavy).
+Only yaml is imported here, and DVC's override module when there are overrides (about
+0.1 s; Hydra itself loads inside it): validation must fail fast, before anything heavy.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +33,51 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value, e.g. ic.train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"override '{text}': the value is not valid YAML; quote it, "
-                          "e.g. key='text'") from None
-    return key.strip().split("."), value
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        try:
-            node: Any = data
-            for k in keys[:-1]:
-                node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
-            if isinstance(node, list):
-                node[int(keys[-1])] = value
-            else:
-                node[keys[-1]] = value
-        except (ValueError, IndexError, TypeError, AttributeError):
-            # A path through a scalar or past a list's end: name it instead of a traceback.
-            raise ConfigError(f"override '{text}': key '{'.'.join(keys)}' does not lead to a "
-                              "setting (lists take an index: ic.phases.0.steps=10)") from None
-    return data
+    """``data`` with ``overrides`` applied in DVC's dialect, the one ``dvc exp run -S``
+    uses on ``params.yaml`` (Hydra's override grammar, through DVC's own function):
+    ``key=value`` changes a setting (a mapping merges into the one there), ``+key=value``
+    adds one, ``~key`` deletes one. The flow, ``idlm config use`` and the stage scripts
+    all read overrides this way. One override at a time, so an error names it."""
+    if not overrides:
+        return copy.deepcopy(data)
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    with tempfile.TemporaryDirectory(prefix="idlm-overrides-") as folder:
+        path = Path(folder) / "params.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        for text in overrides:
+            try:
+                dvc_apply_overrides(str(path), [text])
+            except InvalidArgumentError as exc:
+                raise ConfigError(f"override '{text}': {_hydra_problem(exc, text)}") from None
+        return yaml.safe_load(path.read_text()) or {}
+
+
+def _hydra_problem(exc: Exception, text: str) -> str:
+    """Hydra's complaint about one override, in one line, with the way to fix it."""
+    chain = []
+    while exc is not None and len(chain) < 8:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    said = "\n".join(chain)
+    key = text.lstrip("+~").split("=", 1)[0]
+    unknown = re.search(r"full_key: (\S+)", said)
+    if "To append to your config use" in said and unknown:
+        name = re.sub(r"\[(\d+)\]", r".\1", unknown[1])
+        return (f"unknown key '{name}' (check the spelling against configs/tiny.yaml; "
+                f"a new key is added with +{text.lstrip('+')})")
+    if "Could not append" in said:
+        return f"'{key}' is already set; change it with {text.lstrip('+')}"
+    if "Error merging override" in said or "Could not delete" in said:
+        return (f"key '{key}' does not lead to a setting (lists take an index: "
+                "ic.phases.0.steps=10)")
+    if "=" not in text and not text.startswith("~"):
+        return "expected key=value, e.g. ic.train.lr=1e-4"
+    first = chain[1].splitlines()[0] if len(chain) > 1 else chain[0]
+    return (f"not a valid override ({first}); quote a value that has spaces, brackets or "
+            "'=', e.g. key='a=b' (https://hydra.cc/docs/advanced/override_grammar/basic)")
 
 
 def _merged(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:

@@ -5,12 +5,5 @@ AR-pretrain the tiny Qwen3 (tiny profile) or resolve and pin a pretrained base c
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.training.base import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("base", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.base.run once the config is valid
+    exit_process(stage_main("base", __doc__))

@@ -8,12 +8,5 @@ redoing finished samples.
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.benchmarks.evaluate_stage import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("evaluate", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.evaluate.run once the config is valid
+    exit_process(stage_main("evaluate", __doc__))

@@ -7,12 +7,5 @@ they load back with the same greedy output; register both in MLflow's model regi
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.serving.export.stage import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("export", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.export.run once the config is valid
+    exit_process(stage_main("export", __doc__))

@@ -8,12 +8,5 @@ of what missed and leave the alias where it was.
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.serving.gate.stage import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("gate", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.gate.run once the config is valid
+    exit_process(stage_main("gate", __doc__))

@@ -7,12 +7,5 @@ changes only the stride and alpha.
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.training.ic import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("ic", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.ic.run once the config is valid
+    exit_process(stage_main("ic", __doc__))

@@ -6,12 +6,5 @@ R-ISD.
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.training.lora import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("lora", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.lora.run once the config is valid
+    exit_process(stage_main("lora", __doc__))

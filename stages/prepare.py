@@ -6,12 +6,5 @@ outputs/prepare/ (see idlm.data.prepare).
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.data.prepare import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("prepare", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.prepare.run once the config is valid
+    exit_process(stage_main("prepare", __doc__))

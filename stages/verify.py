@@ -8,12 +8,5 @@ metrics still written) when any check fails.
 
 from idlm.stage import exit_process, stage_main
 
-
-def _run(cfg):  # noqa: ANN001, ANN202 - heavy imports only after the config is valid
-    from idlm.decoding.verify_stage import run
-
-    return run(cfg)
-
-
-if __name__ == "__main__":
-    exit_process(stage_main("verify", _run, __doc__))
+if __name__ == "__main__":   # runs idlm.stages.verify.run once the config is valid
+    exit_process(stage_main("verify", __doc__))

@@ -1,13 +1,15 @@
 """What every ``stages/<name>.py`` shares: argument parsing, config loading, atomic writes.
 
-A stage's library ``run(cfg)`` never parses arguments or reads the environment; the
-thin script under ``stages/`` calls :func:`stage_main`, which does both, validates the
-whole config before anything heavy is imported, and prints the stage's metrics.
+Every stage's ``run(cfg)`` is ``idlm.stages.<name>.run``, named as in ``dvc.yaml``; it
+never parses arguments or reads the environment. The script ``stages/<name>.py`` calls
+:func:`stage_main`, which does both, validates the whole config before anything heavy is
+imported, then imports the stage and runs it, and prints the stage's metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -69,9 +71,10 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
-               description: str, argv: list[str] | None = None) -> int:
-    """Parse, validate (fast, before heavy imports), run, print metrics as JSON."""
+def stage_main(name: str, description: str, argv: list[str] | None = None,
+               run: Callable[[config_mod.Config], dict[str, Any]] | None = None) -> int:
+    """Parse, validate (fast, before heavy imports), run ``idlm.stages.<name>.run`` (or
+    ``run``), print its metrics as JSON."""
     args = parser(name, description).parse_args(argv)
     try:
         cfg = config_mod.load(args.config, args.overrides)
@@ -79,6 +82,9 @@ def stage_main(name: str, run: Callable[[config_mod.Config], dict[str, Any]],
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from idlm.decoding.errors import DecodingError  # a model folder a stage could not load
+
+    if run is None:
+        run = importlib.import_module(f"idlm.stages.{name}").run
 
     try:
         metrics = run(cfg)

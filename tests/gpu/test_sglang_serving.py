@@ -59,8 +59,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     from idlm.data.tokenizer import train_bpe_tokenizer
     from idlm.model.adapter_files import base_fingerprint, save_gated_lora
     from idlm.model.gated_lora import attach_gated_lora
-    from idlm.serving.export.stage import run
     from idlm.serving.sglang.install import install
+    from idlm.stages.export import run
 
     install()
     root = tmp_path_factory.mktemp("ws")

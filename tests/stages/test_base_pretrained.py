@@ -10,7 +10,7 @@ import pytest
 
 from idlm.config import load_profile
 from idlm.errors import StageError
-from idlm.training import base
+from idlm.stages import base
 from tests.conftest import tiny_qwen3
 
 

@@ -13,7 +13,7 @@ import pytest
 from idlm import config
 from idlm.errors import StageError
 from idlm.serving.gate.decision import read_scores
-from idlm.serving.gate.stage import arm_targets, conclude, load_plan, measure_arms, read_registered
+from idlm.stages.gate import arm_targets, conclude, load_plan, measure_arms, read_registered
 from tests.workspace import PROFILE
 
 ARMS = {"ar", "isd", "risd"}
@@ -111,7 +111,7 @@ def test_fail_names_what_missed_and_leaves_the_alias(gate, tmp_path: Path) -> No
 
 
 def test_missing_inputs_fail_before_any_server_starts(trained: dict, tmp_path: Path) -> None:
-    from idlm.serving.gate.stage import run
+    from idlm.stages.gate import run
 
     outputs = Path(trained["cfg"].outputs)
     base = [f"outputs={outputs}", "~gate.arms.risd"]

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from idlm.config import Config, load_profile
-from idlm.data.prepare import load_eval_items, load_split, load_tokenizer, run
+from idlm.data.prepare import load_eval_items, load_split, load_tokenizer
 from idlm.data.qwen_vocab import build_qwen3_tokenizer
 from idlm.errors import StageError
+from idlm.stages.prepare import run
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ["eval", "eval_items.jsonl", "metrics.json", "tokenizer", "train"]
@@ -135,13 +136,13 @@ def test_stage_script_runs_and_reports_config_errors(tmp_path: Path,
     config = str(REPO / "configs/tiny.yaml")
     argv = ["--config", config, f"outputs={tmp_path}", "prepare.synthetic.train_size=60",
             "prepare.synthetic.eval_size=5", "prepare.tokenizer.vocab_size=300"]
-    code = stage.stage_main("prepare", stage._run, stage.__doc__, argv)
+    code = stage.stage_main("prepare", stage.__doc__, argv)
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     # A 300-token vocabulary can make a row longer than max_length: counted, not lost.
     assert report["rows_read"] == 65
     assert report["train"]["rows"] + report["eval"]["rows"] + report["rejected_total"] == 65
-    assert stage.stage_main("prepare", stage._run, stage.__doc__,
+    assert stage.stage_main("prepare", stage.__doc__,
                             ["--config", config, "prepare.shard_rowz=5"]) == 2
     assert "unknown key 'prepare.shard_rowz'" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ import torch
 
 from idlm.config import Config
 from idlm.data.prepare import load_split
-from idlm.training import ic
+from idlm.stages import ic
 
 
 def _names(folder: Path) -> list[str]:

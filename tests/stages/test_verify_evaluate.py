@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from idlm.benchmarks import evaluate_stage
 from idlm.config import Config, load_profile
-from idlm.decoding import verify_stage
+from idlm.decoding import trained as trained_models
 from idlm.errors import StageError
+from idlm.stages import evaluate as evaluate_stage
+from idlm.stages import verify as verify_stage
 from tests.workspace import PROFILE
 
 
@@ -49,7 +50,7 @@ def test_verify_is_lossless_and_writes_report_metrics_plot(trained: dict, verifi
 def test_verify_reports_tpf_and_acceptance_per_prompt_kind(trained: dict, verified: dict
                                                            ) -> None:
     cfg = _cfg(trained)
-    kinds = verify_stage.item_kinds(verify_stage.held_out_items(cfg, cfg.verify.prompts))
+    kinds = trained_models.item_kinds(trained_models.held_out_items(cfg, cfg.verify.prompts))
     report = json.loads(cfg.out("verify", "report.json").read_text())
     for mode in ("isd", "risd"):
         for sweep in report[f"acceptance_{mode}"]["strides"].values():

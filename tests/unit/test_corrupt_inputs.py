@@ -92,7 +92,7 @@ def test_a_stage_script_prints_one_line_and_exits_1(outputs, tmp_path, damage: s
         load_engine(folder, mode="ar")
         return {}
 
-    assert stage_main("verify", verify_like, "test", argv=[]) == 1
+    assert stage_main("verify", "test", argv=[], run=verify_like) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -111,7 +111,7 @@ def test_idlm_generate_is_one_line_without_traceback(outputs, tmp_path, damage: 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):  # noqa: ANN201
     from idlm.config import load_profile
-    from idlm.data.prepare import run
+    from idlm.stages.prepare import run
 
     cfg = load_profile("tiny", [
         f"outputs={tmp_path_factory.mktemp('prepared')}", "prepare.synthetic.train_size=500",

@@ -25,9 +25,9 @@ from idlm.config.downstream import ExportSection
 from idlm.decoding.loading import load_engine
 from idlm.serving.export import bundle as export
 from idlm.serving.export.manifest import MANIFEST, BundleError, verify_bundle
-from idlm.serving.export.stage import check_prompts, greedy_outputs, run
 from idlm.serving.sglang import ALGORITHM_NAME, ARCHITECTURE
 from idlm.serving.sglang.compat import config_problems, effective_config
+from idlm.stages.export import check_prompts, greedy_outputs, run
 from tests.conftest import tiny_qwen3
 
 TEXTS = ["What is 12+7? #### 19", "def square(x):\n    return x * x",

@@ -11,7 +11,7 @@ import pytest
 
 from idlm import config, tracking
 from idlm.errors import StageError
-from idlm.serving.gate.stage import conclude, read_registered
+from idlm.stages.gate import conclude, read_registered
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "gate_tiny_measurements.json"
 SCORES = {"ar": {"tiny_arithmetic": 61.0, "tiny_code": 40.0},

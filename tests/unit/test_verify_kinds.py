@@ -14,14 +14,9 @@ import pytest
 
 from idlm.config import load_profile
 from idlm.decoding.stats import RequestStats, expected_tokens_per_forward
+from idlm.decoding.trained import chat_prompts, held_out_items, item_kinds
 from idlm.decoding.verify import acceptance_sweep, by_kind, formula_check
-from idlm.decoding.verify_stage import (
-    chat_prompts,
-    held_out_items,
-    item_kinds,
-    plot_acceptance,
-    summary,
-)
+from idlm.stages.verify import plot_acceptance, summary
 from tests.conftest import MASK_ID, tiny_qwen3
 from tests.unit.test_decoding_models import pattern_prompts
 

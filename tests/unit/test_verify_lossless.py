@@ -14,7 +14,7 @@ from idlm.decoding.verify import (
     lossless_check,
     verify_all,
 )
-from idlm.decoding.verify_stage import summary
+from idlm.stages.verify import summary
 from tests.conftest import MASK_ID, tiny_qwen3
 from tests.unit.test_decoding_models import pattern_prompts
 

@@ -1,1 +1,2 @@
-"""The `export` stage: SGLang-servable bundles, their manifests, the registry."""
+"""SGLang-servable bundles, their manifests, the registry; the stage that writes them is
+`idlm.stages.export`."""

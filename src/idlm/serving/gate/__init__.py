@@ -1,2 +1,2 @@
-"""The `gate` stage: the load test (guidellm) of ISD and R-ISD against AR, the
-decision and the promotion."""
+"""The gate's pieces: the load test (guidellm) of ISD and R-ISD against AR and the
+decision. The stage that runs them and promotes is `idlm.stages.gate`."""

@@ -1,6 +1,6 @@
 """The gate's pure half: thresholds, the pass/fail decision and its inputs (no I/O
 beyond reading evaluate's scores file), so decisions are tested on recorded measurements.
-The load test and the promotion live in :mod:`idlm.serving.gate.stage`.
+The load test and the promotion live in :mod:`idlm.stages.gate`.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def backends(cfg: Config, settings: EvaluateSection) -> dict[str, Any]:
     from idlm.benchmarks.endpoint import EndpointBackend
     from idlm.benchmarks.engine_backend import engine_backend
     from idlm.decoding.requests import DecodingError
-    from idlm.decoding.verify_stage import inference_device, model_dirs
+    from idlm.decoding.trained import inference_device, model_dirs
 
     folders = model_dirs(cfg)
     device = inference_device()

@@ -64,6 +64,18 @@ def test_registry_has_the_fifteen_and_the_tiny_suite() -> None:
         get_benchmark("nope")
 
 
+def test_a_benchmark_that_states_no_table_row_comes_after_the_papers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlm.benchmarks import registry
+    from idlm.benchmarks.base import Benchmark
+
+    class Unranked(Benchmark):   # a new benchmark file that omits table_order
+        name, title, category = "unranked", "Unranked", "math"
+
+    monkeypatch.setitem(registry._REGISTRY, "unranked", Unranked)
+    assert suite_names("real") == (*REAL_SUITE, "unranked")
+
+
 @pytest.mark.parametrize(("name", "count", "first_id", "reference"), EXPECTED)
 def test_loader_reads_its_fixture(name: str, count: int, first_id: str,
                                   reference: str | None) -> None:

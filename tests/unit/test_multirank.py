@@ -17,7 +17,9 @@ SCRIPT = REPO / "tests" / "fixtures" / "multirank_train.py"
 
 
 def _torchrun(root: Path, launch: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # Its own extensions folder: what DeepSpeed compiles at start-up shows there.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = subprocess.run(
@@ -52,3 +54,12 @@ def test_two_ranks_train_and_resume(zero_stage: int, launches: dict) -> None:
     resumed = _result(launches["root"], zero_stage, "resumed")
     assert resumed["finished"]
     assert resumed["checksum"] == pytest.approx(straight["checksum"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_starting_compiles_no_deepspeed_op(launches: dict) -> None:
+    """DeepSpeed's CPU shared-memory op is never built: compiling it cost the first stage
+    on a fresh machine about a minute, and a stage killed while it compiled left a lock
+    that hung every later one."""
+    built = launches["root"] / "torch_extensions"
+    assert not list(built.rglob("deepspeed_shm_comm*")), sorted(built.rglob("*"))

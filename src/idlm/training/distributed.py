@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+SHARED_MEMORY_OP = "deepspeed_shm_comm"   # DeepSpeed's ShareMemCommBuilder.NAME
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -39,12 +41,29 @@ def init(device: str) -> tuple[int, int]:
         atexit.register(shutil.rmtree, store.parent, True)
         rendezvous = {"init_method": store.as_uri(), "rank": 0, "world_size": 1}
     if not dist.is_initialized():
+        _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
                                    verbose=False, **rendezvous)
         atexit.register(shutdown)
     global _launched_world
     _launched_world = dist.get_world_size()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory collective op.
+
+    On CPUs ``init_distributed`` JIT-compiles that C++ op (``deepspeed_shm_comm``, for
+    DeepSpeed's inference all-reduce, which training never calls; without it DeepSpeed uses
+    torch.distributed) under a file lock in ~/.cache/torch_extensions: about a minute of
+    the first stage on every fresh machine or environment, and a stage killed while it
+    compiles leaves the lock behind, so every later training stage waits on it forever.
+    DeepSpeed reads which ops it may build from ``deepspeed.ops.__compatible_ops__``, a
+    dict it keeps editable for this.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_OP] = False
 
 
 def shutdown() -> None:

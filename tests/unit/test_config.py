@@ -52,6 +52,10 @@ def test_paper_settings_in_the_8b_profile() -> None:
     assert [p.alpha for p in cfg.ic.phases] == [0.2, "auto"]
     assert cfg.ic.train.lr == 1e-5 and cfg.ic.phases[0].epochs == 1.0
     assert cfg.lora.rank == 128 and cfg.lora.targets == "all-linear"
+    # The paper's 15 benchmarks: the schema's default, which is the registry's real suite.
+    from idlm.benchmarks.registry import suite_names
+
+    assert tuple(cfg.evaluate.benchmarks) == suite_names("real")
 
 
 def test_params_yaml_is_the_resolved_tiny_profile() -> None:

@@ -146,7 +146,7 @@ def test_overrides_edit_params_yaml_as_dvc_exp_run_does(workspace: Path) -> None
     after["lora"].update(rank=before["lora"]["rank"], targets=before["lora"]["targets"])
     after["ic"]["train"]["lr"] = before["ic"]["train"]["lr"]
     assert after == before  # nothing else changed
-    assert path.read_text().startswith("# Active config")  # DVC's editor keeps comments
+    assert path.read_text().startswith("# Active config")  # written as `idlm config use` does
 
 
 def test_profile_then_overrides_equals_idlm_config_use(workspace: Path) -> None:

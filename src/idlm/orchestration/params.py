@@ -1,9 +1,10 @@
 """The flow's inputs in the workspace: profile and overrides into ``params.yaml``, flow settings.
 
 Overrides are applied exactly as ``dvc exp run -S key=value`` applies them (DVC's own
-Hydra-based editor, on the tracked ``params.yaml``), so DVC sees each changed key as a
-changed stage param and reruns precisely the stages that depend on it. A profile is made
-active first, as ``idlm config use PROFILE`` does. Any failure puts ``params.yaml`` back.
+Hydra-based editor, through ``idlm.config.load``, the one path the stage scripts and
+``idlm config use`` take too), so DVC sees each changed key as a changed stage param and
+reruns precisely the stages that depend on it. A profile is made active first, as
+``idlm config use PROFILE`` does. Nothing is written unless the result validates.
 """
 
 from __future__ import annotations
@@ -50,27 +51,15 @@ def use_workspace(workspace: Path) -> Iterator[Path]:
 
 def prepare_params(workspace: Path, profile: str | None,
                    overrides: list[str]) -> config_mod.Config:
-    """Make ``profile`` active (when given), apply ``overrides`` as ``dvc exp run -S`` does,
-    validate the result; on any error restore ``params.yaml`` and raise ConfigError."""
-    from dvc.utils.hydra import apply_overrides
-
+    """Make ``profile`` active (when given, else keep ``params.yaml``) with ``overrides``
+    applied as ``dvc exp run -S`` applies them (``idlm.config.load``: DVC's own function
+    on the resolved config), and write it. Validated before anything is written, so a
+    bad profile or override raises ConfigError and leaves ``params.yaml`` as it was."""
     path = workspace / PARAMS_FILE
-    original = path.read_bytes() if path.is_file() else None
-    try:
-        if profile:
-            config_mod.write_active(config_mod.load_profile(profile), path)
-        if overrides:
-            apply_overrides(str(path), list(overrides))
-        return config_mod.load(path)
-    except Exception as exc:
-        if original is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_bytes(original)
-        if isinstance(exc, config_mod.ConfigError):
-            raise
-        cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        raise config_mod.ConfigError(f"overrides {list(overrides)}: {exc}{cause}") from None
+    cfg = (config_mod.load_profile(profile, overrides) if profile
+           else config_mod.load(path, overrides))
+    config_mod.write_active(cfg, path)
+    return cfg
 
 
 def file_sha256(path: Path) -> str:

@@ -16,6 +16,7 @@ from idlm.config.downstream import EvalSandbox
 LIMITS = EvalSandbox(timeout_s=2, memory_mb=512, max_processes=16, max_file_mb=4)
 needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(),
                                      reason="needs root and a working `unshare`")
+LIMIT_NOT_CLOCK_S = 60.0
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
@@ -80,11 +81,14 @@ def _owner(pid: str) -> int:
 @needs_isolation
 def test_endless_loop_memory_hog_and_huge_output_are_stopped() -> None:
     assert run("while True:\n    pass\n", timeout_s=1.0).status == "timeout"
-    hog = run("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))\n")
+    # Each of these is stopped by its rlimit, not the clock: a wall-clock limit far above
+    # what they take keeps a loaded CI machine (paging 512 MiB in) from ending them first.
+    hog = run("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))\n",
+              timeout_s=LIMIT_NOT_CLOCK_S)
     assert hog.status == "failed" and "MemoryError" in hog.stderr
-    flood = run("while True:\n    print('y' * 4096)\n")
+    flood = run("while True:\n    print('y' * 4096)\n", timeout_s=LIMIT_NOT_CLOCK_S)
     assert flood.status == "failed" and len(flood.stdout) <= sandbox.OUTPUT_KEEP_BYTES + 40
-    big = run("open('big.bin', 'wb').write(b'0' * (8 << 20))\n")
+    big = run("open('big.bin', 'wb').write(b'0' * (8 << 20))\n", timeout_s=LIMIT_NOT_CLOCK_S)
     assert big.status == "failed" and "File too large" in big.stderr
 
 

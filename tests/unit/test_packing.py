@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,22 @@ def test_bf16_choice_is_measured_once_and_kept(tmp_path: Path) -> None:
     assert calls == []  # a resumed run keeps the recorded choice
     assert cpu_autocast(False, "cpu", tmp_path, timed_pass, 0) is False
     assert cpu_autocast(True, "cuda:0", tmp_path, timed_pass, 0) is False  # DeepSpeed's bf16
+
+
+def test_a_losing_bf16_is_not_timed_to_the_end(tmp_path: Path) -> None:
+    """A bf16 warm-up pass 20x fp32's: no timed bf16 pass; 2.5x: timing stops once it has
+    lost (after the warm-up and one or two timed passes, not three)."""
+    for slowdown, bf16_passes in ((20.0, {1}), (2.5, {2, 3})):
+        calls: list[bool] = []
+
+        def timed_pass(bf16: bool, slowdown: float = slowdown, calls: list = calls) -> None:
+            calls.append(bf16)
+            time.sleep(0.02 * (slowdown if bf16 else 1.0))
+
+        folder = tmp_path / str(slowdown)
+        folder.mkdir()
+        assert cpu_autocast("auto", "cpu", folder, timed_pass, rank=0) is False
+        assert calls.count(False) == 4 and calls.count(True) in bf16_passes
 
 
 def test_auto_alpha_is_capped() -> None:

@@ -3,8 +3,12 @@
 On a CPU with AMX a bf16 matmul is several times faster than fp32; on one without, it is
 slower. A profile cannot know which machine it lands on, so ``bf16: auto`` times a few
 forward + backward passes of the run's own first micro-batch both ways and keeps the
-faster. Weights, optimizer state and checkpoints stay fp32 either way; the choice is
-written next to the checkpoints so a resumed run continues with the same numerics.
+faster. The bf16 side stops as soon as it has lost: when its warm-up pass alone outlasts
+``WARMUP_GIVE_UP`` times fp32's timed passes (on a CPU without bf16 units one bf16 pass
+costs 15 fp32 passes: timing three more would waste most of a minute per stage), or when
+its timed passes add up to more than fp32's. Weights, optimizer state and checkpoints stay
+fp32 either way; the choice is written next to the checkpoints so a resumed run continues
+with the same numerics.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import torch
 
 CHOICE_FILE = "precision.json"
 TIMED_PASSES = 3
+# A bf16 warm-up pass (kernel set-up included) longer than this many times fp32's timed
+# passes ends the bf16 side: one-time costs do not explain such a gap.
+WARMUP_GIVE_UP = 4.0
 
 
 def cpu_autocast(setting: bool | str, device: str, checkpoint_dir: Path,
@@ -30,7 +37,8 @@ def cpu_autocast(setting: bool | str, device: str, checkpoint_dir: Path,
     record = checkpoint_dir / CHOICE_FILE
     if record.is_file():
         return bool(json.loads(record.read_text())["bf16"])
-    seconds = {bf16: _time(timed_pass, bf16) for bf16 in (False, True)}
+    fp32 = _time(timed_pass, False)
+    seconds = {False: fp32, True: _time(timed_pass, True, loses_after=TIMED_PASSES * fp32)}
     choice = _same_on_every_rank(seconds[True] < seconds[False])
     if rank == 0:
         record.write_text(json.dumps({"bf16": choice, "seconds_per_pass": {
@@ -50,12 +58,23 @@ def _same_on_every_rank(choice: bool) -> bool:
     return bool(shared[0])
 
 
-def _time(timed_pass: Callable[[bool], None], bf16: bool) -> float:
-    timed_pass(bf16)  # warm-up: kernels, allocator
+def _time(timed_pass: Callable[[bool], None], bf16: bool,
+          loses_after: float = float("inf")) -> float:
+    """Seconds per timed pass after a warm-up; stops early once the passes have taken more
+    than ``loses_after`` (the other side's timed total), or the warm-up more than
+    ``WARMUP_GIVE_UP`` times that, and reports what it measured so far."""
     started = time.perf_counter()
-    for _ in range(TIMED_PASSES):
+    timed_pass(bf16)  # warm-up: kernels, allocator
+    warm_up = time.perf_counter() - started
+    if warm_up > WARMUP_GIVE_UP * loses_after:
+        return warm_up
+    started = time.perf_counter()
+    for done in range(1, TIMED_PASSES + 1):
         timed_pass(bf16)
-    return (time.perf_counter() - started) / TIMED_PASSES
+        elapsed = time.perf_counter() - started
+        if elapsed > loses_after:
+            return elapsed / done
+    return elapsed / TIMED_PASSES
 
 
 def probe_pass(model: torch.nn.Module, compute: Callable, rank: int) -> Callable[[bool], None]:

@@ -41,24 +41,27 @@ def make_handler(state: StubState) -> type[BaseHTTPRequestHandler]:
                 state.active += 1
                 state.max_active = max(state.max_active, state.active)
             try:
-                self._answer(prompt, attempt)
+                status, payload = self._answer(prompt, attempt)
             finally:
+                # A request stops counting as active before its answer is written: the
+                # client may send its next request the moment the answer arrives.
                 with state.lock:
                     state.active -= 1
+            self._send(status, payload)
 
-        def _answer(self, prompt: str, attempt: int) -> None:
+        def _answer(self, prompt: str, attempt: int) -> tuple[int, dict]:
             if prompt.startswith("slow"):
                 time.sleep(float(prompt.split()[1]))
             if prompt.startswith("flaky") and attempt <= 2:
-                return self._send(503, {"error": "overloaded"})
+                return 503, {"error": "overloaded"}
             if prompt.startswith("bad"):
-                return self._send(400, {"error": "bad request"})
+                return 400, {"error": "bad request"}
             message = {"role": "assistant", "content": f"echo: {prompt}"}
             if prompt.startswith("reason"):
                 message["reasoning_content"] = "let me think"
-            self._send(200, {"choices": [{"message": message, "finish_reason": "length"
-                                          if prompt.startswith("long") else "stop"}],
-                             "usage": {"completion_tokens": 7}})
+            return 200, {"choices": [{"message": message, "finish_reason": "length"
+                                      if prompt.startswith("long") else "stop"}],
+                         "usage": {"completion_tokens": 7}}
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()

@@ -120,3 +120,30 @@ def test_stage_help_is_fast() -> None:
     result = subprocess.run([sys.executable, "stages/ic.py", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "curriculum phase" in result.stdout
+
+
+@pytest.mark.parametrize("overrides", [
+    ["ic.train.lr=2e-5", "lora.rank=32"],
+    ["prepare.synthetic.mix={arithmetic: 3}"],
+    ["~gate.min_speedup", "+gate.min_speedup={isd: {1: 2.0}}"],
+    ["+evaluate.endpoints.ar.url=http://localhost:1", "ic.phases.1.steps=7"],
+    ["++flow.new_key=[1, 2]", "~verify.strides"],
+])
+def test_overrides_apply_as_dvc_exp_run_applies_them(tmp_path: Path,
+                                                     overrides: list[str]) -> None:
+    """In-memory overrides give what DVC's own function writes into a params file (read
+    as DVC reads it, YAML 1.2: PyYAML would read the 2e-05 it writes as a string)."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+    from dvc.utils.serialize import load_yaml
+
+    from idlm.config.files import apply_overrides, read_config
+
+    data = read_config(config.config_dir() / "tiny.yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    for text in overrides:
+        dvc_apply_overrides(str(path), [text])
+    ours = apply_overrides(data, overrides)
+    assert ours == load_yaml(path)
+    assert ours != data and read_config(config.config_dir() / "tiny.yaml") == data

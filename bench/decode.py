@@ -13,6 +13,8 @@ consecutive batches of its size (batch 1: one prompt after another), so that a s
 is not one prompt's luck. Tokens/s counts generated tokens (stop token included) per second
 of wall time over the whole batch. ``ms_per_step_forward`` is an engine system's cost per
 decode-step forward, prefill excluded (a 1-token run's time and forwards subtracted).
+``cpu_matmul`` lists which CPU library each weight shape and row bucket took
+(``idlm.decoding.cpu_matmul``).
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # Libraries print notices on stdout while loading; keep stdout for the JSON alone.
-    from idlm.decoding import DecodingError
+    from idlm.decoding import DecodingError, cpu_matmul
 
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
         mask = args.mask_token_id
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
               "stride": args.stride, "max_new_tokens": args.max_new_tokens,
               "threads": torch.get_num_threads(), "repeats": args.repeats,
               "min_prompts": args.min_prompts,
-              "results": results, "ratios": ratios(results)}
+              "results": results, "ratios": ratios(results),
+              "cpu_matmul": cpu_matmul.chosen()}
     plot(report, resolve(args.plot))
     report["plot"] = str(resolve(args.plot))
     print(json.dumps(report, indent=2))

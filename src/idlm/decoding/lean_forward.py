@@ -10,11 +10,13 @@ Every step, AR or ISD, attends through the same call (an explicit additive mask,
 inside SDPA, the key length rounded up to a bucket), so an AR step and an ISD window's
 anchor rows run the same attention kernel over the same keys in the same dtype. Whether
 their logits are then bit-equal depends on the matmul backend too: bf16 (oneDNN) gives a
-row the same bits whatever the row count, fp32 MKL does not (it picks a kernel by row
-count), so there they agree to ~1e-7 only; see the tests.
+row the same bits whatever the row count, fp32 does not (MKL picks a kernel by row count,
+and ``cpu_matmul`` takes oneDNN for the windows where it is faster), so there they agree
+to ~1e-6 only; see the tests.
 
-Memory: the fused q/k/v and gate/up matrices are copies (on CPU, o and down are also
-copied, transposed), so those weights are held twice while an engine lives.
+Memory: the fused q/k/v and gate/up matrices are copies (on CPU, o, down and the LM head
+are also copied, transposed, and fp32 keeps a oneDNN-packed copy of each, see
+``cpu_matmul``), so those weights are held two or three times while an engine lives.
 
 R-ISD: a gated LoRA (``idlm.model.gated_lora``) is read from its PEFT modules once, as
 fused low-rank updates (``lean_lora.py``) applied only at the gated (MASK) rows, and not
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from idlm.decoding.cpu_matmul import Matmul
 from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
 from idlm.decoding.lean_lora import (
     GatedRows,
@@ -69,11 +72,10 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     head_norm: torch.Tensor   # [q_heads + kv_heads, head_dim]: q_norm then k_norm weights
-    # Matmul weights laid out [in, out] (see _matmul_weight).
-    qkv: torch.Tensor         # [hidden, (q_heads + 2 kv_heads) * head_dim]
-    out: torch.Tensor
-    gate_up: torch.Tensor     # [hidden, 2 * intermediate]
-    down: torch.Tensor
+    qkv: Matmul               # hidden -> (q_heads + 2 kv_heads) * head_dim
+    out: Matmul
+    gate_up: Matmul           # hidden -> 2 * intermediate
+    down: Matmul
     lora: LayerLora | None
 
 
@@ -121,10 +123,10 @@ class LeanDecoder:
             input_norm=layer.input_layernorm.weight.detach(),
             post_norm=layer.post_attention_layernorm.weight.detach(),
             head_norm=torch.cat([q_norm, k_norm]).contiguous(),
-            qkv=torch.cat([_base_weight(m).t() for m in qkv], dim=1),
-            out=_matmul_weight(_base_weight(attention.o_proj)),
-            gate_up=torch.cat([_base_weight(m).t() for m in gate_up], dim=1),
-            down=_matmul_weight(_base_weight(mlp.down_proj)),
+            qkv=Matmul(torch.cat([_base_weight(m) for m in qkv])),
+            out=Matmul(_base_weight(attention.o_proj)),
+            gate_up=Matmul(torch.cat([_base_weight(m) for m in gate_up])),
+            down=Matmul(_base_weight(mlp.down_proj)),
             lora=layer_lora(qkv, gate_up, attention.o_proj, mlp.down_proj, self.embed.dtype))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -233,10 +235,10 @@ def _gated_layout(drafting: torch.Tensor) -> GatedRows | None:
     return gated_rows
 
 
-def _linear(inputs: torch.Tensor, weight: torch.Tensor, lora: GroupLora | None,
+def _linear(inputs: torch.Tensor, weight: Matmul, lora: GroupLora | None,
             gated_rows: GatedRows | None) -> torch.Tensor:
-    """``inputs @ weight`` ([in, out]), plus the low-rank update at the gated rows."""
-    output = torch.mm(inputs, weight)
+    """``inputs @ weight``, plus the low-rank update at the gated rows."""
+    output = weight(inputs)
     if lora is not None and gated_rows is not None:
         lora.add_to(output, inputs, gated_rows)
     return output
@@ -278,21 +280,15 @@ def _mask_delta(token_gate: Any, dtype: torch.dtype) -> torch.Tensor | None:
     return None if delta_module is None else delta_module.delta.detach().to(dtype)
 
 
-def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
-    """An [out, in] weight as the [in, out] matrix ``_linear`` multiplies by: a copy on CPU,
-    where MKL multiplies a few rows by a contiguous [in, out] matrix about twice as fast as
-    by its transpose (what F.linear does); a view elsewhere (cuBLAS takes either)."""
-    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
-
-
 def lm_head(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LM head as ``hidden @ W`` with W laid out as ``_matmul_weight`` lays it out (on
-    CPU about 2.5x faster than F.linear at an ISD window's 7 rows; a copy there, like the
-    fused matrices); the module itself when it is not a bias-free nn.Linear."""
+    """The LM head as a ``Matmul`` (on CPU about 2.5x faster than F.linear at an ISD
+    window's 7 rows; its weight copies are held as the fused matrices' are); the module
+    itself when it is not a bias-free nn.Linear."""
     if type(head) is not nn.Linear or head.bias is not None:
         return head
-    weight = _matmul_weight(head.weight.detach())
-    return lambda hidden: torch.matmul(hidden, weight)
+    matmul = Matmul(head.weight.detach())
+    return lambda hidden: matmul(hidden.reshape(-1, hidden.shape[-1])).view(
+        *hidden.shape[:-1], -1)
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``inputs @ W`` for the lean forward's fixed weights, by the faster of two CPU libraries.
 
 On CPU torch multiplies fp32 by MKL. For the few rows of a decode step MKL is fast at one
-row and slow at a handful: on an AMD EPYC (AVX2), a 7-row ISD window through the tiny
+row and slow at a handful: on an AMD EPYC (AVX-512), a 7-row ISD window through the tiny
 model's 192 x 1536 gate/up matrix took 103 us against 21 us for one row, where oneDNN with
 the weight packed once took 57 us. On other CPUs the order may differ, so neither library
 is assumed: for each weight shape and row-count bucket the first call times both, and
@@ -52,17 +52,21 @@ class Matmul:
             # The row count is only a layout hint; the packed weight takes any count.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8)
         self.key = (weight.shape[1], weight.shape[0])
+        # Row count -> the shared choice for its bucket: one dict lookup per call.
+        self.faster_by_rows: dict[int, bool] = {}
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        rows = inputs.shape[0]
-        if self.packed is not None and rows >= MIN_ROWS and self._onednn_faster(inputs):
-            return self._onednn(inputs)
-        return torch.mm(inputs, self.weight)
+        faster = self.faster_by_rows.get(inputs.shape[0])
+        if faster is None:
+            faster = self.faster_by_rows[inputs.shape[0]] = self._onednn_faster(inputs)
+        return self._onednn(inputs) if faster else torch.mm(inputs, self.weight)
 
     def _onednn(self, inputs: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(inputs, self.packed, None, "none", [], "")
 
     def _onednn_faster(self, inputs: torch.Tensor) -> bool:
+        if self.packed is None or inputs.shape[0] < MIN_ROWS:
+            return False
         key = (*self.key, _bucket(inputs.shape[0]))
         faster = _CHOICES.get(key)
         if faster is None:

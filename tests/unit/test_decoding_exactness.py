@@ -86,6 +86,16 @@ def test_risd_samples_follow_the_base_law_in_the_steady_state() -> None:
     assert report["isd"]["steady_state_rounds"] >= 100 and report["passed"]
 
 
+def test_ar_calibration_is_reused_only_as_given(model) -> None:
+    """The AR side does not depend on the proposal, so a check may take an earlier one's:
+    the ISD side is then what a fresh run gives, and AR is not sampled again."""
+    sampled = check(model, 3, PROMPTS[:1], seed=2)
+    reused = check(model, 3, PROMPTS[:1], seed=2, proposal="argmax", ar=sampled["ar"])
+    fresh = check(model, 3, PROMPTS[:1], seed=2, proposal="argmax")
+    assert reused["ar"] is sampled["ar"] and reused["ar"] == fresh["ar"]
+    assert reused["isd"] == fresh["isd"]
+
+
 def test_per_position_test_finds_an_error_late_in_the_continuation(model) -> None:
     """Exact AR samples, then a bug that only hits position 4 (where stride 3 first
     verifies a full window's draft): that position fails, the ones before it do not move."""

@@ -12,6 +12,8 @@ from idlm.decoding.verify import (
     _compare,
     logit_gap,
     lossless_check,
+    transformers_divergences,
+    transformers_greedy,
     verify_all,
 )
 from idlm.stages.verify import summary
@@ -81,3 +83,26 @@ def test_argmax_exactness_gates_and_metrics_carry_near_ties() -> None:
     argmax = metrics["exactness_isd_argmax_proposal"]
     assert set(argmax) == {"p_value", "min_position_p_value", "steady_state_rounds",
                            "ar_p_value", "ar_min_position_p_value"}
+
+
+def test_teacher_forced_transformers_check_finds_where_generate_diverges() -> None:
+    model, stops = tiny_qwen3(seed=3), [5]
+    prompts = pattern_prompts(6, seed=8)
+    greedy = transformers_greedy(model, prompts, 10, stops, 0)
+    assert greedy[0][-1] in stops and len(greedy[0]) < 10   # one ends on a stop token
+    assert transformers_divergences(model, prompts, greedy, greedy, 10, stops) == []
+    wrong = [list(tokens) for tokens in greedy]
+    wrong[1][2] = (wrong[1][2] + 1) % 128   # a token generate would not emit
+    wrong[4] = wrong[4][:3]                 # ends with neither a stop token nor the budget
+    found = transformers_divergences(model, prompts, greedy, wrong, 10, stops)
+    assert {d["prompt_index"] for d in found} == {1, 4}
+    assert all(d["against"] == "transformers" and not d["near_tie"] for d in found)
+    by_prompt = {d["prompt_index"]: d for d in found}
+    assert (by_prompt[1]["first_divergence"], by_prompt[1]["expected"], by_prompt[1]["got"]) \
+        == (2, greedy[1][2], wrong[1][2])
+    assert (by_prompt[4]["first_divergence"], by_prompt[4]["expected"], by_prompt[4]["got"]) \
+        == (3, greedy[4][3], None)
+    # The engine's AR tokens are checked too; a speculative run equal to them shares it.
+    twice = transformers_divergences(model, prompts, wrong, wrong, 10, stops)
+    assert sorted(d["against"] for d in twice if d["prompt_index"] == 1) == [
+        "transformers", "transformers_vs_engine_ar"]

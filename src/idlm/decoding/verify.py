@@ -2,7 +2,8 @@
 
 * :func:`lossless_check`: speculative greedy (ISD on the IC model, or R-ISD on base + gated
   adapter) against the reference model's AR greedy, token for token, compared both with
-  the engine's own AR path and with transformers' ``generate``, both models in one dtype.
+  the engine's own AR path and with what transformers' greedy ``generate`` would emit
+  (its argmax after every prefix, teacher-forced), both models in one dtype.
   Every divergence names the prompt, the first divergent index and the reference's top-2
   logit margin there; a margin within a few ulps of the logits in that dtype is a
   *near-tie* (float noise can flip it), reported apart from real mismatches (a bug).
@@ -76,11 +77,9 @@ def _lossless(reference_model: torch.nn.Module, speculative_model: torch.nn.Modu
                            "engine_ar")
     if compare_transformers:
         stops = reference.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-        hf = transformers_greedy(reference_model, prompts, max_new_tokens, stops,
-                                 reference.pad_token_id, max_batch_size)
-        divergences += _compare(reference_model, prompts, hf, ar, "transformers_vs_engine_ar")
-        divergences += _compare(reference_model, prompts, hf,
-                                [r.token_ids for r in isd_results], "transformers")
+        divergences += transformers_divergences(
+            reference_model, prompts, ar, [r.token_ids for r in isd_results], max_new_tokens,
+            stops)
     real = sorted({d["prompt_index"] for d in divergences if not d["near_tie"]})
     near = sorted({d["prompt_index"] for d in divergences if d["near_tie"]} - set(real))
     return {"prompts": len(prompts), "mode": speculative.name, "stride": stride,
@@ -130,6 +129,58 @@ def transformers_greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
                            len(tokens))
                 outputs[index] = tokens[:end]
     return outputs
+
+
+@torch.inference_mode()
+def transformers_divergences(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                             ar: Sequence[Sequence[int]], speculative: Sequence[Sequence[int]],
+                             max_new_tokens: int, stop_token_ids: Sequence[int]
+                             ) -> list[dict[str, Any]]:
+    """Where transformers' greedy decoding of ``model`` leaves the engine's AR tokens
+    (``transformers_vs_engine_ar``) and the speculative ones (``transformers``).
+
+    Greedy ``generate`` emits the argmax after each prefix, so one teacher-forced
+    transformers forward over prompt + candidate (unpadded, one sequence at a time) decides
+    it: the first prefix whose argmax is not the candidate's next token is where
+    ``generate`` would diverge, and a candidate that matches throughout and ends as
+    ``generate`` ends (a stop token, or the token budget) is what it returns. On the tiny
+    verify this is one forward per sequence instead of 64 decode steps per prompt length
+    (8 s of each lossless check). A speculative candidate equal to the AR one shares its
+    result.
+    """
+    against_ar = [_transformers_divergence(model, prompt, ar[index], max_new_tokens,
+                                           stop_token_ids, index, "transformers_vs_engine_ar")
+                  for index, prompt in enumerate(prompts)]
+    against_speculative = [
+        [{**d, "against": "transformers"} for d in against_ar[index]]
+        if list(speculative[index]) == list(ar[index]) else
+        _transformers_divergence(model, prompt, speculative[index], max_new_tokens,
+                                 stop_token_ids, index, "transformers")
+        for index, prompt in enumerate(prompts)]
+    return [d for found in against_ar + against_speculative for d in found]
+
+
+def _transformers_divergence(model: torch.nn.Module, prompt: Sequence[int],
+                             tokens: Sequence[int], max_new_tokens: int,
+                             stop_token_ids: Sequence[int], index: int, against: str
+                             ) -> list[dict[str, Any]]:
+    device = decoder_parts(model)[1].weight.device
+    tokens = list(tokens)
+    ids = torch.as_tensor([list(prompt) + tokens], device=device)
+    # Row j predicts generated token j (the last prompt row predicts the first).
+    logits = clean_logits(model, ids)[0, len(prompt) - 1:]
+    greedy = logits.argmax(-1).tolist()
+    first = next((i for i, (want, got) in enumerate(zip(greedy, tokens, strict=False))
+                  if want != got), None)
+    ended = len(tokens) >= max_new_tokens or bool(tokens and tokens[-1] in set(stop_token_ids))
+    if first is None and ended:
+        return []
+    first = len(tokens) if first is None else first   # generate would go on past the end
+    margin, resolution = logit_gap(logits[first])
+    return [{"prompt_index": index, "against": against, "first_divergence": first,
+             "expected": greedy[first], "got": tokens[first] if first < len(tokens) else None,
+             "top2_margin": margin, "resolution": resolution,
+             "near_tie": margin <= resolution}]
 
 
 def _compare(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
@@ -253,18 +304,20 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
                continuation: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                significance: float = 0.01, max_batch_size: int = 64,
+               exactness_batch_size: int | None = None,
                compare_transformers: bool = True, kinds: Sequence[str] | None = None,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every check of the ``verify`` stage; ``passed`` gates on all but the sweeps.
 
     ``kinds`` (one per prompt) splits the acceptance sweeps by prompt kind; ``continuation``
-    None samples 2N+1 tokens in the exactness checks (the steady state).
+    None samples 2N+1 tokens in the exactness checks (the steady state), which decode
+    ``exactness_batch_size`` rows together (default: ``max_batch_size``).
     """
     common = {"max_new_tokens": max_new_tokens, "stop_token_ids": stop_token_ids,
               "max_batch_size": max_batch_size}
     law = {"stride": stride, "temperature": temperature, "top_k": top_k, "top_p": top_p,
            "samples": samples, "continuation": continuation, "significance": significance,
-           "max_batch_size": max_batch_size}
+           "max_batch_size": exactness_batch_size or max_batch_size}
     few = prompts[:exactness_prompts]
     decoded: dict[str, tuple[list[list[int]], int, list] | None] = {}
 
@@ -289,8 +342,10 @@ def verify_all(ic_model: torch.nn.Module, base_model: torch.nn.Module,
         "lossless_isd": lambda: lossless("isd", ic_model, ic_model),
         "exactness_isd": lambda: exactness_check(ic_model, few, mask_token_id, **law),
         "exactness_risd": lambda: exactness_check(risd_model, few, mask_token_id, **law),
+        # Same model, prompts and law as exactness_isd: its AR calibration is reused.
         "exactness_isd_argmax_proposal": lambda: exactness_check(
-            ic_model, few, mask_token_id, proposal="argmax", **law),
+            ic_model, few, mask_token_id, proposal="argmax", ar=report["exactness_isd"]["ar"],
+            **law),
         "acceptance_isd": lambda: sweep("isd", ic_model),
         "acceptance_risd": lambda: sweep("risd", risd_model),
     }

@@ -56,7 +56,7 @@ def run(cfg: Config) -> dict[str, Any]:
         exactness_prompts=exact.prompts, samples=exact.samples,
         continuation=exact.continuation, temperature=exact.temperature, top_k=exact.top_k,
         top_p=exact.top_p, significance=exact.significance,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size, exactness_batch_size=exact.max_batch_size,
         compare_transformers=settings.compare_transformers, kinds=item_kinds(items))
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["device"] = device

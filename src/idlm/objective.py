@@ -65,8 +65,8 @@ def block_layout(prompt_length: int, length: int, block_size: int, offset: int
 
 def build_ic_batch(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
                    stride: int | None, mask_token_id: int, pad_token_id: int,
-                   offsets: Sequence[int] | None = None, pack_width: int | None = None
-                   ) -> ICBatch:
+                   offsets: Sequence[int | Sequence[int]] | None = None,
+                   pack_width: int | None = None) -> ICBatch:
     """Lay out ``[x_0 | MASK x R]`` segments with labels for stride N (B = N-1).
 
     ``stride=None`` lays out ``x_0`` alone (the AR loss of the base stage). Without
@@ -74,15 +74,21 @@ def build_ic_batch(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[
     first-fit-decreasing into rows of that width (a longer one gets a row to itself), and
     attention never crosses from one sequence to another, so the loss is the unpacked one
     at ~60% fewer padded tokens.
+
+    An offset may be a tuple: the sequence then gets one MASK half per offset after its one
+    ``x_0`` (``[x_0 | MASK x R | MASK x R ...]``, each half in blocks of its own that see
+    only ``x_0``), which is the single-offset layouts' rows at less than their cost (the
+    teacher-forced introspection scores every offset of a sequence this way).
     """
     if stride is not None and stride < 2:
         raise ValueError(f"stride must be >= 2 (got {stride})")
     offsets = offsets if offsets is not None else [0] * len(sequences)
+    copies = [tuple(o) if isinstance(o, Sequence) else (o,) for o in offsets]
     for row, (seq, r0) in enumerate(zip(sequences, prompt_lengths, strict=True)):
         if not 0 < r0 < len(seq):
             raise ValueError(f"row {row}: prompt length {r0} must be in (0, {len(seq)})")
-    widths = [len(seq) if stride is None else 2 * len(seq) - p
-              for seq, p in zip(sequences, prompt_lengths, strict=True)]
+    widths = [len(seq) if stride is None else len(seq) + len(c) * (len(seq) - p)
+              for seq, p, c in zip(sequences, prompt_lengths, copies, strict=True)]
     placement, width = pack_segments(widths, pack_width)
     shape = (max(row for row, _ in placement) + 1, width)
     batch = ICBatch(torch.full(shape, pad_token_id, dtype=torch.long),
@@ -92,7 +98,7 @@ def build_ic_batch(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[
                     torch.full(shape, -1, dtype=torch.long))
     for index, (row, start) in enumerate(placement):
         batch.response_tokens += _place(batch, row, start, index, sequences[index],
-                                        prompt_lengths[index], stride, offsets[index],
+                                        prompt_lengths[index], stride, copies[index],
                                         mask_token_id)
     return batch
 
@@ -116,8 +122,9 @@ def pack_segments(widths: Sequence[int], pack_width: int | None
 
 
 def _place(batch: ICBatch, row: int, start: int, segment: int, seq: Sequence[int], r0: int,
-           stride: int | None, offset: int, mask_token_id: int) -> int:
-    """Write one sequence's segment at ``start`` of ``row``; returns its response length."""
+           stride: int | None, offsets: tuple[int, ...], mask_token_id: int) -> int:
+    """Write one sequence's segment at ``start`` of ``row`` (one MASK half per offset);
+    returns its response length (times the MASK halves)."""
     length = len(seq)
     tokens = torch.as_tensor(seq, dtype=torch.long)
     response = length - r0
@@ -130,18 +137,21 @@ def _place(batch: ICBatch, row: int, start: int, segment: int, seq: Sequence[int
     if stride is None:
         batch.segment[row, clean] = segment
         return response
-    masked = slice(start + length, start + length + response)
-    batch.segment[row, start:start + length + response] = segment
-    batch.input_ids[row, masked] = mask_token_id
-    batch.position_ids[row, masked] = torch.arange(r0, length)
-    batch.kind[row, masked] = MASKED
+    batch.segment[row, start:start + length + len(offsets) * response] = segment
     block_size = stride - 1
-    blocks, starts = block_layout(r0, length, block_size, offset % block_size)
-    batch.block[row, masked] = torch.as_tensor(blocks)
-    batch.block_start[row, masked] = torch.as_tensor(starts)
-    # MASK at position j drafts x[j+1]; the last one has nothing left to draft.
-    batch.labels[row, start + length:start + length + response - 1] = tokens[r0 + 1:]
-    return response
+    for copy, offset in enumerate(offsets):
+        first = start + length + copy * response
+        masked = slice(first, first + response)
+        batch.input_ids[row, masked] = mask_token_id
+        batch.position_ids[row, masked] = torch.arange(r0, length)
+        batch.kind[row, masked] = MASKED
+        blocks, starts = block_layout(r0, length, block_size, offset % block_size)
+        # Block ids of one half never equal another's: halves do not see each other.
+        batch.block[row, masked] = torch.as_tensor(blocks) + copy * (response + 1)
+        batch.block_start[row, masked] = torch.as_tensor(starts)
+        # MASK at position j drafts x[j+1]; the last one has nothing left to draft.
+        batch.labels[row, first:first + response - 1] = tokens[r0 + 1:]
+    return response * len(offsets)
 
 
 def allowed(kind_q: torch.Tensor, pos_q: torch.Tensor, block_q: torch.Tensor,

@@ -82,6 +82,39 @@ def test_layout_labels_and_positions() -> None:
     assert PAD == 0
 
 
+@pytest.mark.parametrize("stride", [3, 4])
+def test_a_mask_half_per_offset_equals_one_layout_per_offset(model, stride: int) -> None:
+    """``[x_0 | MASK x R | MASK x R ...]``: each half's rows, mask and logits are those of
+    the one-offset layout at that offset (the halves never see each other)."""
+    generator = torch.Generator().manual_seed(stride)
+    lengths, prompts = [11, 7], [4, 3]
+    rows = _random_rows(generator, lengths, prompts)
+    offsets = tuple(range(stride - 1))
+    joint = objective.build_ic_batch(rows, prompts, stride, MASK_ID, PAD_ID,
+                                     [offsets] * len(rows))
+    with torch.no_grad():
+        joint_logits = objective.ic_logits(model, joint)
+    joint_mask = objective.dense_mask(joint)[:, 0]
+    assert joint.response_tokens == sum(n - p for n, p in zip(lengths, prompts)) * len(offsets)
+    for offset in offsets:
+        alone = objective.build_ic_batch(rows, prompts, stride, MASK_ID, PAD_ID,
+                                         [offset] * len(rows))
+        with torch.no_grad():
+            alone_logits = objective.ic_logits(model, alone)
+        alone_mask = objective.dense_mask(alone)[:, 0]
+        for row, (length, prompt) in enumerate(zip(lengths, prompts, strict=True)):
+            response = length - prompt
+            half = list(range(length)) + list(
+                range(length + offset * response, length + (offset + 1) * response))
+            mine = list(range(length + response))
+            for name in ("input_ids", "position_ids", "kind", "block_start", "labels"):
+                assert getattr(joint, name)[row, half].tolist() == \
+                    getattr(alone, name)[row, mine].tolist(), name
+            assert torch.equal(joint_mask[row][half][:, half], alone_mask[row][mine][:, mine])
+            torch.testing.assert_close(joint_logits[row, half], alone_logits[row, mine],
+                                       atol=1e-5, rtol=0)
+
+
 def test_clean_logits_equal_plain_causal_forward(model) -> None:
     generator = torch.Generator().manual_seed(0)
     lengths, prompts = [12, 7, 10], [4, 3, 5]

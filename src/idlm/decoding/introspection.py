@@ -1,8 +1,9 @@
 """Introspective acceptance: does the model's own AR distribution accept its MASK drafts?
 
 Teacher-forced (docs/method.md): take a generation (prompt + response), lay it out as the IC
-training layout ``[x_0 | MASK x R]`` (``idlm.objective``) once per block offset, so every
-response position is drafted from every slot of a block, and compare each MASK row's
+training layout ``[x_0 | MASK x R]`` (``idlm.objective``) once per block offset (one x_0
+with a MASK half per offset, ``[x_0 | MASK x R | MASK x R ...]``: each half sees only x_0),
+so every response position is drafted from every slot of a block, and compare each MASK row's
 draft distribution q with the clean row's AR distribution p for the same token:
 
 * greedy: the draft argmax q is accepted iff it equals argmax p;
@@ -43,21 +44,23 @@ def introspective_acceptance(model: torch.nn.Module, sequences: Sequence[Sequenc
     gated = token_gate_of(decoder) is not None
     block = stride - 1
     accepted, counted = torch.zeros(block, dtype=torch.float64), torch.zeros(block)
-    # Longest first, so a batch's rows are of about one length (little padding).
-    jobs = sorted(((index, offset) for index in range(len(sequences)) for offset in range(block)
+    # Longest first, so a batch's rows are of about one length (little padding). Each row
+    # holds one x_0 and a MASK half per block offset (one clean forward, not one per offset).
+    jobs = sorted((index for index in range(len(sequences))
                    if 0 < prompt_lengths[index] < len(sequences[index])),
-                  key=lambda job: -len(sequences[job[0]]))
+                  key=lambda index: -len(sequences[index]))
+    offsets = tuple(range(block))
     for first in range(0, len(jobs), batch_size):
         chosen = jobs[first:first + batch_size]
-        batch = build_ic_batch([sequences[i] for i, _ in chosen],
-                               [prompt_lengths[i] for i, _ in chosen], stride, mask_token_id,
-                               pad_token_id, [offset for _, offset in chosen])
+        batch = build_ic_batch([sequences[i] for i in chosen],
+                               [prompt_lengths[i] for i in chosen], stride, mask_token_id,
+                               pad_token_id, [offsets] * len(chosen))
         batch = batch.to(head.weight.device)
         # A gated adapter is gated by layout (MASK rows), not by token id, as in decoding.
         gate = gate_positions(decoder, batch.kind == MASKED) if gated else nullcontext()
         with gate:
             hidden = hidden_states(causal_lm, batch, "sdpa", dtype)
-        rows, slot, clean_index = _draft_rows(batch, [len(sequences[i]) for i, _ in chosen],
+        rows, slot, clean_index = _draft_rows(batch, [len(sequences[i]) for i in chosen],
                                               MASKED)
         draft_logits = head(hidden[rows[:, 0], rows[:, 1]])
         clean_logits = head(hidden[rows[:, 0], clean_index])

@@ -123,18 +123,22 @@ def idlm_servers(specs: Sequence[ServerSpec], startup_timeout_s: float,
         _wait_for_all(urls, processes, [spec.log_path for spec in specs], startup_timeout_s)
         yield urls
     finally:
+        for process in processes:   # all told at once: their shutdowns overlap
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
             stop(process)
 
 
 def stop(process: subprocess.Popen) -> None:
+    """Terminate (if still running) and reap; killed when it takes over 30 s."""
     if process.poll() is None:
         process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _model_id(url: str) -> str | None:

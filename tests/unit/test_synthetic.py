@@ -128,30 +128,6 @@ def test_every_multiple_choice_letter_is_right(splits: tuple[list[Item], list[It
         assert all(f"\n{k}. {v}" in item["prompt"] for k, v in options.items())
 
 
-def test_sum_and_difference_solutions_compare_every_option() -> None:
-    """No shortcut: reaching option D does not mean D matched, so the value must be compared
-    with every option (the tiny base had learned "D. 35 is 34")."""
-    import random
-
-    from idlm.data.synthetic import make_multiple_choice_item
-
-    rng, seen = random.Random(3), set()
-    while len(seen) < 4:
-        _, response, letter, meta = make_multiple_choice_item(rng)
-        if meta["question_type"] not in ("sum", "difference"):
-            continue
-        seen.add(letter)
-        options = meta["options"]
-        value = options[letter]
-        for label, option in options.items():
-            said = f"{label}. {option} is {value}" if label == letter else \
-                f"{label}. {option} is not {value}"
-            assert said in response, (label, response)
-        assert response.endswith(f"The answer is {letter}. {value}. Answer: {letter}")
-        if letter != "D":
-            assert f"D. {options['D']} is not {value}, keep {letter}. {value}." in response
-
-
 CHECK_CODE = """
 import json, sys
 items = json.load(sys.stdin)

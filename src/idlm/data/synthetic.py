@@ -138,26 +138,6 @@ def _first_match(options: list[int], answer: int, describe: Callable[[int], str]
     return " ".join(steps)
 
 
-# Sums and differences check every option against the computed value, carrying the match
-# along as the largest/smallest solutions carry the best so far. Stopping at the match
-# (``_first_match``) let the model skip the comparison: a solution that reached D always
-# matched there, so the tiny base wrote "is not" for A-C and "D. 35 is 34" (Answer: D) on
-# 10 of 14 held-out sums/differences while answering 43 of 46 other questions.
-def _every_option(options: list[int], answer: int) -> str:
-    steps, match = [], None
-    for index, value in enumerate(options):
-        if value == answer:
-            match = index
-            steps.append(f"{_labelled(options, index)} is {answer}, take it.")
-        elif match is None:
-            steps.append(f"{_labelled(options, index)} is not {answer}.")
-        else:
-            steps.append(f"{_labelled(options, index)} is not {answer}, keep "
-                         f"{_labelled(options, match)}.")
-    steps.append(f"The answer is {_labelled(options, match)}.")
-    return " ".join(steps)
-
-
 def _mc_parity(rng: random.Random, even: bool) -> tuple[str, list[int], int, str]:
     others = _distinct_numbers(rng, 3, 1, 99, lambda n: n % 2 == (1 if even else 0))
     answer = _distinct_numbers(rng, 1, 1, 99, lambda n: n % 2 == (0 if even else 1))[0]
@@ -180,7 +160,8 @@ def _mc_sum_or_difference(rng: random.Random, add: bool) -> tuple[str, list[int]
         options.append(max(options) + rng.randint(1, 5))
     rng.shuffle(options)
     op = "+" if add else "-"
-    checks = _every_option(options, answer)
+    checks = _first_match(options, answer,
+                          lambda n: f"is {answer}" if n == answer else f"is not {answer}")
     return f"What is {a}{op}{b}?", options, answer, f"{a}{op}{b}={answer}. {checks}"
 
 

@@ -345,14 +345,16 @@ class DecodingEngine:
 
 
 @torch.inference_mode()
-def clean_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Plain causal logits with any gated adapter off (the AR law, even if ids hold MASK)."""
+def clean_logits(model: torch.nn.Module, input_ids: torch.Tensor, first_row: int = 0
+                 ) -> torch.Tensor:
+    """Plain causal logits with any gated adapter off (the AR law, even if ids hold MASK),
+    at rows ``first_row`` onwards (the LM head is not applied to the rows before)."""
     decoder, head, _ = decoder_parts(model)
     gated = token_gate_of(decoder) is not None
     gate = gate_positions(decoder, torch.zeros_like(input_ids, dtype=torch.bool)) if gated \
         else nullcontext()
     with gate:
-        return head(decoder(input_ids=input_ids).last_hidden_state)
+        return head(decoder(input_ids=input_ids).last_hidden_state[:, first_row:])
 
 
 def _pad_id(pad_token_id: int | None, config: Any, mask_token_id: int) -> int:

@@ -168,7 +168,7 @@ def _transformers_divergence(model: torch.nn.Module, prompt: Sequence[int],
     tokens = list(tokens)
     ids = torch.as_tensor([list(prompt) + tokens], device=device)
     # Row j predicts generated token j (the last prompt row predicts the first).
-    logits = clean_logits(model, ids)[0, len(prompt) - 1:]
+    logits = clean_logits(model, ids, first_row=len(prompt) - 1)[0]
     greedy = logits.argmax(-1).tolist()
     first = next((i for i, (want, got) in enumerate(zip(greedy, tokens, strict=False))
                   if want != got), None)
@@ -207,7 +207,8 @@ def top2_margin(model: torch.nn.Module, context: Sequence[int]) -> tuple[float, 
     gap that rounding in the model's dtype can account for: ``NEAR_TIE_ULPS`` ulps of the
     top logit)."""
     device = decoder_parts(model)[1].weight.device
-    logits = clean_logits(model, torch.as_tensor([list(context)], device=device))[0, -1]
+    logits = clean_logits(model, torch.as_tensor([list(context)], device=device),
+                          first_row=len(context) - 1)[0, -1]
     return logit_gap(logits)
 
 

@@ -95,7 +95,8 @@ def test_a_mask_half_per_offset_equals_one_layout_per_offset(model, stride: int)
     with torch.no_grad():
         joint_logits = objective.ic_logits(model, joint)
     joint_mask = objective.dense_mask(joint)[:, 0]
-    assert joint.response_tokens == sum(n - p for n, p in zip(lengths, prompts)) * len(offsets)
+    responses = sum(n - p for n, p in zip(lengths, prompts, strict=True))
+    assert joint.response_tokens == responses * len(offsets)
     for offset in offsets:
         alone = objective.build_ic_batch(rows, prompts, stride, MASK_ID, PAD_ID,
                                          [offset] * len(rows))

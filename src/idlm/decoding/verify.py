@@ -172,15 +172,22 @@ def _transformers_divergence(model: torch.nn.Module, prompt: Sequence[int],
     greedy = logits.argmax(-1).tolist()
     first = next((i for i, (want, got) in enumerate(zip(greedy, tokens, strict=False))
                   if want != got), None)
-    ended = len(tokens) >= max_new_tokens or bool(tokens and tokens[-1] in set(stop_token_ids))
+    ended = len(tokens) >= max_new_tokens or bool(tokens and tokens[-1] in stop_token_ids)
     if first is None and ended:
         return []
     first = len(tokens) if first is None else first   # generate would go on past the end
-    margin, resolution = logit_gap(logits[first])
-    return [{"prompt_index": index, "against": against, "first_divergence": first,
-             "expected": greedy[first], "got": tokens[first] if first < len(tokens) else None,
-             "top2_margin": margin, "resolution": resolution,
-             "near_tie": margin <= resolution}]
+    return [_divergence(index, against, first, greedy, tokens, logit_gap(logits[first]))]
+
+
+def _divergence(index: int, against: str, first: int, expected: Sequence[int],
+                got: Sequence[int], gap: tuple[float, float]) -> dict[str, Any]:
+    """One divergence record: where, the two tokens there (None past an end) and the
+    reference's top-2 margin against its dtype's resolution."""
+    margin, resolution = gap
+    return {"prompt_index": index, "against": against, "first_divergence": first,
+            "expected": expected[first] if first < len(expected) else None,
+            "got": got[first] if first < len(got) else None,
+            "top2_margin": margin, "resolution": resolution, "near_tie": margin <= resolution}
 
 
 def _compare(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
@@ -192,12 +199,8 @@ def _compare(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
             continue
         first = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
                      min(len(want), len(got)))
-        margin, resolution = top2_margin(model, list(prompts[index]) + want[:first])
-        found.append({"prompt_index": index, "against": against, "first_divergence": first,
-                      "expected": want[first] if first < len(want) else None,
-                      "got": got[first] if first < len(got) else None,
-                      "top2_margin": margin, "resolution": resolution,
-                      "near_tie": margin <= resolution})
+        gap = top2_margin(model, list(prompts[index]) + want[:first])
+        found.append(_divergence(index, against, first, want, got, gap))
     return found
 
 

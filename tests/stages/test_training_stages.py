@@ -30,6 +30,8 @@ def test_base_writes_model_pin_metrics_and_plot(trained: dict) -> None:
     assert metrics["heldout_ar_loss"] > 0
     assert {f"accuracy_{k}" for k in ("arithmetic", "multiple_choice", "code", "instruction")
             } <= set(metrics)
+    # Multiple choice also per question type (the test profile scores one item per kind).
+    assert [k for k in metrics if k.startswith("accuracy_multiple_choice_")]
 
 
 def _ic_log(cfg: Config) -> list[dict]:

@@ -60,12 +60,9 @@ def _by_question_type(kind: str, samples: list[Any], marks: list[bool]) -> dict[
     largest, smallest, even, odd, sum, difference): a kind's score can hide one type the
     model never learned (the tiny base answers 1-3 of 7 sums and differences, ~95% of the
     rest)."""
-    tally: dict[str, list[int]] = {}
+    by_type: dict[str, list[bool]] = {}
     for sample, mark in zip(samples, marks, strict=True):
-        question_type = (sample.meta or {}).get("question_type")
-        if question_type is not None:
-            counts = tally.setdefault(str(question_type), [0, 0])
-            counts[0] += mark
-            counts[1] += 1
-    return {f"accuracy_{kind}_{name}": right / total
-            for name, (right, total) in sorted(tally.items())}
+        if "question_type" in sample.meta:
+            by_type.setdefault(str(sample.meta["question_type"]), []).append(mark)
+    return {f"accuracy_{kind}_{name}": sum(own) / len(own)
+            for name, own in sorted(by_type.items())}

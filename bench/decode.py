@@ -3,6 +3,7 @@ AR vs transformers ``generate``, side by side in one run. Prints JSON, writes a 
 
     python bench/decode.py                      # outputs/{ic/model,base/model,lora/adapter}
     python bench/decode.py --random-tiny        # random tiny-profile models, no training needed
+    python bench/decode.py --compile            # also the torch.compile'd engines
 
 Systems: ``hf_generate`` (base, batched, left-padded), ``ar`` (engine, base), ``isd``
 (engine, IC model, stride N) and ``risd`` (engine, base + gated adapter). Every system
@@ -30,6 +31,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("hf_generate", "ar", "isd", "risd")
+COMPILED = "_compiled"   # the suffix of the engines built with --compile
+
+
+def systems(engines: dict[str, Any]) -> list[str]:
+    """The systems timed: SYSTEMS, then the compiled engines when there are any."""
+    return [*SYSTEMS, *(name for name in engines if name.endswith(COMPILED))]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-prompts", type=int, default=16,
                         help="prompts per cell at least (small batches run several in turn)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ar, isd and risd engines whose dense maths are "
+                             "torch.compile'd (ar_compiled, ...), side by side")
     parser.add_argument("--plot", default="outputs/bench/decode.png")
     return parser.parse_args(argv)
 
@@ -64,10 +74,16 @@ def load_systems(args: argparse.Namespace, folders: dict[str, Path], mask: int |
                  ) -> dict[str, Any]:
     from idlm.decoding.loading import load_engine
 
-    engines = {"ar": load_engine(folders["base"], mode="ar", mask_token_id=mask),
-               "isd": load_engine(folders["model"], mode="isd", mask_token_id=mask),
-               "risd": load_engine(folders["base"], folders["adapter"], mode="risd",
-                                   mask_token_id=mask)}
+    engines = {}
+    for suffix in ("", COMPILED)[:2 if args.compile else 1]:
+        compile = suffix == COMPILED
+        engines |= {
+            f"ar{suffix}": load_engine(folders["base"], mode="ar", mask_token_id=mask,
+                                       compile=compile),
+            f"isd{suffix}": load_engine(folders["model"], mode="isd", mask_token_id=mask,
+                                        compile=compile),
+            f"risd{suffix}": load_engine(folders["base"], folders["adapter"], mode="risd",
+                                         mask_token_id=mask, compile=compile)}
     return engines
 
 
@@ -168,18 +184,15 @@ def batches(prompts: list[list[int]], size: int, least: int) -> list[list[list[i
 def measure(engines: dict[str, Any], groups: list[list[list[int]]], args: argparse.Namespace
             ) -> dict[str, dict[str, Any]]:
     """Best of ``repeats`` interleaved runs per system for one batch size."""
-    runners = {
-        "hf_generate": lambda: run_transformers(engines["ar"], groups, args.max_new_tokens),
-        "ar": lambda: run_engine(engines["ar"], groups, "ar", 1, args.max_new_tokens),
-        "isd": lambda: run_engine(engines["isd"], groups, "isd", args.stride,
-                                  args.max_new_tokens),
-        "risd": lambda: run_engine(engines["risd"], groups, "isd", args.stride,
-                                   args.max_new_tokens),
-    }
+    def engine_run(name: str) -> dict[str, Any]:
+        mode, stride = ("ar", 1) if name.startswith("ar") else ("isd", args.stride)
+        return run_engine(engines[name], groups, mode, stride, args.max_new_tokens)
+
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.repeats):
-        for name in SYSTEMS:
-            run = runners[name]()
+        for name in systems(engines):
+            run = (run_transformers(engines["ar"], groups, args.max_new_tokens)
+                   if name == "hf_generate" else engine_run(name))
             if name not in best or run["seconds"] < best[name]["seconds"]:
                 best[name] = run
     for run in best.values():
@@ -220,7 +233,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     sizes = [int(b) for b in report["results"]]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name in SYSTEMS:
+    for name in next(iter(report["results"].values())):
         axis.plot(sizes, [report["results"][str(b)][name]["tokens_per_second"] for b in sizes],
                   marker="o", label=name)
     axis.set_xscale("log", base=2)
@@ -285,10 +298,18 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 for b, r in results.items()}
 
     # Tokens/s ratios, then per-forward cost ratios of the decode steps (prefill excluded).
-    return {"isd_over_ar": ratio("isd", "ar"), "risd_over_ar": ratio("risd", "ar"),
-            "ar_over_hf_generate": ratio("ar", "hf_generate"),
-            "step_forward_cost_isd_over_ar": cost("isd", "ar"),
-            "step_forward_cost_risd_over_isd": cost("risd", "isd")}
+    found = {"isd_over_ar": ratio("isd", "ar"), "risd_over_ar": ratio("risd", "ar"),
+             "ar_over_hf_generate": ratio("ar", "hf_generate"),
+             "step_forward_cost_isd_over_ar": cost("isd", "ar"),
+             "step_forward_cost_risd_over_isd": cost("risd", "isd")}
+    if f"ar{COMPILED}" in next(iter(results.values())):   # --compile: the same, compiled
+        ar, isd, risd = (f"{name}{COMPILED}" for name in ("ar", "isd", "risd"))
+        found |= {"compiled_isd_over_compiled_ar": ratio(isd, ar),
+                  "compiled_risd_over_compiled_ar": ratio(risd, ar),
+                  "step_forward_cost_compiled_isd_over_compiled_ar": cost(isd, ar),
+                  **{f"{name}_compiled_over_eager": ratio(f"{name}{COMPILED}", name)
+                     for name in ("ar", "isd", "risd")}}
+    return found
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_models_it_cannot_run_fall_back_with_a_reason() -> None:
 def test_rms_norm_gives_the_bits_of_transformers(dtype: torch.dtype) -> None:
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    from idlm.decoding.lean_forward import _rms_norm
+    from idlm.decoding.layer_math import rms_norm as _rms_norm
 
     torch.manual_seed(0)
     hidden = torch.randn(5, 6, 48).to(dtype)

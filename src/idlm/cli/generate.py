@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder's layers (compiles on the first "
+                             "requests; falls back to eager if compiling fails)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=handle_generate)
     return parser
@@ -68,7 +71,8 @@ def handle_generate(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()   # no loading bars in logs: errors stay one line
     try:
         engine = load_engine(args.model, args.adapter, args.mode, device=args.device,
-                             dtype=args.dtype, allow_other_base=args.allow_other_base)
+                             dtype=args.dtype, allow_other_base=args.allow_other_base,
+                             compile=args.compile)
         prompt_ids = encode_prompt(engine.tokenizer, args.prompt, not args.no_chat_template)
         started = time.perf_counter()
         result = engine.generate([_request(args, prompt_ids)])[0]

@@ -53,6 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="cap on a request's max_tokens (default: the context length)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder's layers (compiles on the first "
+                             "requests; falls back to eager if compiling fails)")
     parser.add_argument("--graceful-shutdown", type=float, default=10.0, metavar="SECONDS",
                         help="how long in-flight requests may finish on shutdown (default 10)")
     parser.add_argument("--log-level", default="info",
@@ -115,7 +118,7 @@ def handle_serve(args: argparse.Namespace) -> int:
     try:
         engine = load_engine(args.model, args.adapter, args.mode, device=args.device,
                              dtype=args.dtype, max_batch_size=args.max_batch_size,
-                             allow_other_base=args.allow_other_base)
+                             allow_other_base=args.allow_other_base, compile=args.compile)
         if settings.max_new_tokens is not None and \
                 settings.max_new_tokens > engine.context_length:
             raise DecodingError(f"--max-new-tokens {settings.max_new_tokens} is above the "

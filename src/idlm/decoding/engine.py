@@ -65,7 +65,7 @@ class DecodingEngine:
     def __init__(self, model: torch.nn.Module, mask_token_id: int, *,
                  pad_token_id: int | None = None, stop_token_ids: Sequence[int] | None = None,
                  tokenizer: Any = None, max_batch_size: int = 64,
-                 context_length: int | None = None) -> None:
+                 context_length: int | None = None, compile: bool = False) -> None:
         self.model = model.eval()
         self.decoder, self.head, config = decoder_parts(model)
         self.logits = lm_head(self.head)   # hidden -> logits (the head, laid out for speed)
@@ -87,7 +87,7 @@ class DecodingEngine:
         # The lean forward, or transformers' decoder with the reason (None when lean).
         self.decode_forward, self.forward_fallback = decoder_forward(
             self.decoder, config, self.context_length,
-            token_gate_of(self.decoder))
+            token_gate_of(self.decoder), compile)
         if self.forward_fallback is not None:
             logger.warning("decoding engine: %s", self.forward_fallback)
         if self.mask_token_id >= self.vocab_size:

@@ -63,6 +63,13 @@ class RaggedKVCache:
         self._write_index = slots[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
         self._key_length = key_length
 
+    @property
+    def write_index(self) -> torch.Tensor:
+        """The scatter index of this forward's window (``begin_forward``): [B, kv, W, d]."""
+        if self._write_index is None:
+            raise RuntimeError("RaggedKVCache.begin_forward must be called before each forward")
+        return self._write_index
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformers cache hook: store the window's K/V, return the readable slots."""

@@ -23,6 +23,9 @@ fused low-rank updates (``lean_lora.py``) applied only at the gated (MASK) rows,
 at all in a step without one. Ungated rows run exactly the base model's ops, so they are
 bit-identical to it, as on the PEFT path.
 
+``compile`` runs the layers of a forward without LoRA rows (AR, ISD) as one
+``torch.compile``'d graph (``compiled.py``), with an eager fallback.
+
 ``decoder_forward`` picks this path, or, for a model it cannot run (not Qwen3-shaped, an
 ungated or multi-adapter PEFT model, dynamic RoPE), the transformers decoder with a reason.
 """
@@ -38,8 +41,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from idlm.decoding.compiled import CompiledStack
 from idlm.decoding.cpu_matmul import Matmul
 from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
+from idlm.decoding.layer_math import attention_inputs, attention_output_and_mlp, rms_norm
 from idlm.decoding.lean_lora import (
     GatedRows,
     GroupLora,
@@ -83,7 +88,7 @@ class LeanDecoder:
     """A Qwen3 decoder forward for the engine, built once per model."""
 
     def __init__(self, decoder: nn.Module, config: Any, context_length: int,
-                 token_gate: Any = None) -> None:
+                 token_gate: Any = None, compile: bool = False) -> None:
         _check_shape(decoder, config)
         self.q_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -99,6 +104,8 @@ class LeanDecoder:
             self.layers = [self._layer(layer) for layer in decoder.layers]
         self.mask_delta = _mask_delta(token_gate, self.embed.dtype)
         self.gated = token_gate is not None
+        # The layers as one torch.compile'd graph for forwards without LoRA rows.
+        self.compiled = CompiledStack(self) if compile else None
         # The gated rows of the last ``drafting`` seen (a reused layout skips the search).
         self._last_drafting: torch.Tensor | None = None
         self._last_gated_rows: GatedRows | None = None
@@ -158,11 +165,22 @@ class LeanDecoder:
         positions = position_ids.reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         mask = self._mask(lengths, width, key_length)
+        if self.compiled is not None and gated_rows is None:
+            hidden = self.compiled(self, hidden, (cos, sin), mask, cache)
+        else:
+            hidden = self.layer_stack(hidden, gated_rows, cache, (cos, sin), mask,
+                                      (rows, width))
+        return rms_norm(hidden, self.final_norm, self.eps).view(rows, width, -1)
+
+    def layer_stack(self, hidden: torch.Tensor, gated_rows: GatedRows | None,
+                    cache: RaggedKVCache, rope: tuple[torch.Tensor, torch.Tensor],
+                    mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Every layer, eagerly: [B*W, hidden] in and out, K/V written to ``cache``."""
         for index, layer in enumerate(self.layers):
             lora = layer.lora if gated_rows is not None else None
             hidden = self._layer_forward(layer, lora, hidden, gated_rows, cache, index,
-                                         (cos, sin), mask, (rows, width))
-        return _rms_norm(hidden, self.final_norm, self.eps).view(rows, width, -1)
+                                         rope, mask, shape)
+        return hidden
 
     def _gated_rows(self, drafting: torch.Tensor | None) -> GatedRows | None:
         """The flat MASK rows, once per forward (a slice when contiguous); None when the
@@ -189,32 +207,21 @@ class LeanDecoder:
                        rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                        shape: tuple[int, int]) -> torch.Tensor:
         rows, width = shape
-        normed = _rms_norm(hidden, layer.input_norm, self.eps)
-        qkv = _linear(normed, layer.qkv, lora and lora.qkv, gated_rows)
-        qkv = qkv.view(rows * width, self.q_heads + 2 * self.kv_heads, self.head_dim)
-        query_key = self._rotate(_rms_norm(qkv[:, :self.q_heads + self.kv_heads],
-                                           layer.head_norm, self.eps), *rope)
-        query, key = query_key.split([self.q_heads, self.kv_heads], dim=1)
-        value = qkv[:, self.q_heads + self.kv_heads:]
+        query, key, value = attention_inputs(
+            hidden, layer.input_norm, layer.head_norm, rope,
+            lambda x: _linear(x, layer.qkv, lora and lora.qkv, gated_rows),
+            (self.q_heads, self.kv_heads, self.head_dim), self.eps)
         keys, values = cache.update(_heads_first(key, rows, width),
                                     _heads_first(value, rows, width), index)
         attended = F.scaled_dot_product_attention(
             _heads_first(query, rows, width), keys, values, attn_mask=mask,
             scale=self.scale, enable_gqa=self.q_heads != self.kv_heads)
         attended = attended.transpose(1, 2).reshape(rows * width, -1)
-        hidden = hidden + _linear(attended, layer.out, lora and lora.out, gated_rows)
-        normed = _rms_norm(hidden, layer.post_norm, self.eps)
-        gate_up = _linear(normed, layer.gate_up, lora and lora.gate_up, gated_rows)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + _linear(F.silu(gate) * up, layer.down, lora and lora.down, gated_rows)
-
-    def _rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> torch.Tensor:
-        """RoPE, HF's ``x * cos + rotate_half(x) * sin``: ``sin`` carries rotate_half's sign
-        (its first half negated), so rotate_half becomes a swap of the halves."""
-        half = self.head_dim // 2
-        swapped = torch.cat([heads[..., half:], heads[..., :half]], dim=-1)
-        return heads * cos + swapped * sin
+        return attention_output_and_mlp(
+            hidden, attended, layer.post_norm,
+            lambda x: _linear(x, layer.out, lora and lora.out, gated_rows),
+            lambda x: _linear(x, layer.gate_up, lora and lora.gate_up, gated_rows),
+            lambda x: _linear(x, layer.down, lora and lora.down, gated_rows), self.eps)
 
 
 def _gated_layout(drafting: torch.Tensor) -> GatedRows | None:
@@ -242,20 +249,6 @@ def _linear(inputs: torch.Tensor, weight: Matmul, lora: GroupLora | None,
     if lora is not None and gated_rows is not None:
         lora.add_to(output, inputs, gated_rows)
     return output
-
-
-def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's Qwen3RMSNorm (in fp32, weight applied in the input dtype); the q/k head norm
-    passes one weight row per head. In fp32, F.rms_norm gives HF's bits in one dispatch
-    instead of six (the tests check both)."""
-    if hidden.dtype == torch.float32:
-        size = (hidden.shape[-1],)
-        if weight.dim() == 1:
-            return F.rms_norm(hidden, size, weight, eps)
-        return weight * F.rms_norm(hidden, size, None, eps)
-    upcast = hidden.float()
-    normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(hidden.dtype)
 
 
 def _heads_first(heads: torch.Tensor, rows: int, width: int) -> torch.Tensor:
@@ -339,10 +332,12 @@ class HFDecoder:
 
 
 def decoder_forward(decoder: nn.Module, config: Any, context_length: int,
-                    token_gate: Any = None) -> tuple[DecoderForward, str | None]:
-    """The lean forward when it applies, else transformers' with the reason why not."""
+                    token_gate: Any = None, compile: bool = False
+                    ) -> tuple[DecoderForward, str | None]:
+    """The lean forward when it applies (its layers compiled if ``compile``), else
+    transformers' (never compiled) with the reason why not."""
     try:
-        return LeanDecoder(decoder, config, context_length, token_gate), None
+        return LeanDecoder(decoder, config, context_length, token_gate, compile), None
     except LeanUnsupported as error:
         return HFDecoder(decoder, token_gate), f"transformers decoder: {error}"
 

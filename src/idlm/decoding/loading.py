@@ -15,9 +15,11 @@ MODES = algorithms.systems()   # ar, isd, risd: the algorithms tied to a kind of
 
 def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mode: str = "isd",
                 *, device: str = "cpu", dtype: Any = None, mask_token_id: int | None = None,
-                max_batch_size: int = 64, allow_other_base: bool = False) -> DecodingEngine:
+                max_batch_size: int = 64, allow_other_base: bool = False,
+                compile: bool = False) -> DecodingEngine:
     """``mode`` risd needs ``adapter_dir`` (a gated LoRA trained on exactly these weights,
-    unless ``allow_other_base``); ar/isd refuse one."""
+    unless ``allow_other_base``); ar/isd refuse one. ``compile``: ``torch.compile`` the
+    decoder's dense maths (``idlm.decoding.compiled``)."""
     model_dir = Path(model_dir)
     if mode not in MODES:
         raise DecodingError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -39,7 +41,7 @@ def load_engine(model_dir: str | Path, adapter_dir: str | Path | None = None, mo
     mask = _mask_id(mask_token_id, tokenizer, model, model_dir)
     return DecodingEngine(model, mask, pad_token_id=_pad_id(tokenizer, model),
                           stop_token_ids=_stop_ids(tokenizer, model), tokenizer=tokenizer,
-                          max_batch_size=max_batch_size)
+                          max_batch_size=max_batch_size, compile=compile)
 
 
 def _gated_systems() -> str:

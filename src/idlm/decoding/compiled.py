@@ -24,16 +24,13 @@ unchanged (the README's "Measured"). So compiling speeds AR at batch 1 and not I
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 
 from idlm.decoding.kv_cache import RaggedKVCache
 from idlm.decoding.layer_math import attention_inputs, attention_output_and_mlp
-
-if TYPE_CHECKING:
-    from idlm.decoding.lean_forward import LeanDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -73,36 +70,31 @@ def _layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: to
 class CompiledStack:
     """One decoder's layers as a compiled graph, with the eager layers as the fallback."""
 
-    def __init__(self, decoder: LeanDecoder) -> None:
+    def __init__(self, weights: list[LayerTensors], heads: tuple[int, int, int], eps: float,
+                 scale: float) -> None:
         # Dynamic from the first call: one graph per (rows == 1 or not, width == 1 or not),
         # prefills included, whatever the batch, window, prompt or key length. Engines in
         # one process share these graphs (and dynamo's per-function recompile limit).
         self._graph = torch.compile(_layers, fullgraph=True, dynamic=True)
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-        # ``Matmul.weight`` is the [in, out] operand that ``torch.mm`` takes.
-        self.weights: list[LayerTensors] = [
-            (layer.input_norm, layer.head_norm, layer.qkv.weight, layer.out.weight,
-             layer.post_norm, layer.gate_up.weight, layer.down.weight)
-            for layer in decoder.layers]
+        self.weights, self.heads, self.eps, self.scale = weights, heads, eps, scale
         self.failure: str | None = None   # why compiling failed; then every call is eager
 
-    def __call__(self, decoder: LeanDecoder, hidden: torch.Tensor,
-                 rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 cache: RaggedKVCache) -> torch.Tensor:
-        """Every layer: [B*W, hidden] in and out, the window's K/V written to ``cache``."""
+    def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 mask: torch.Tensor, cache: RaggedKVCache,
+                 eager: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Every layer: [B*W, hidden] in and out, the window's K/V written to ``cache``;
+        ``eager()`` (the same, uncompiled) once compiling has failed."""
         if self.failure is None:
             try:
                 return self._graph(hidden, *rope, mask, cache.write_index, self.weights,
-                                   cache.keys, cache.values,
-                                   (decoder.q_heads, decoder.kv_heads, decoder.head_dim),
-                                   decoder.eps, decoder.scale,
-                                   decoder.q_heads != decoder.kv_heads)
+                                   cache.keys, cache.values, self.heads, self.eps,
+                                   self.scale, self.heads[0] != self.heads[1])
             except Exception as error:  # dynamo and inductor raise their own types
                 logger.debug("torch.compile failed", exc_info=True)
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
                 self.failure = f"{type(error).__name__}: {first_line}"
                 logger.warning("decoding engine: torch.compile failed (%s); decoding "
                                "eagerly", self.failure)
-        rows, width = mask.shape[0], mask.shape[2]
-        return decoder.layer_stack(hidden, None, cache, rope, mask, (rows, width))
+        return eager()

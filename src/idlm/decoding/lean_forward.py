@@ -105,11 +105,19 @@ class LeanDecoder:
         self.mask_delta = _mask_delta(token_gate, self.embed.dtype)
         self.gated = token_gate is not None
         # The layers as one torch.compile'd graph for forwards without LoRA rows.
-        self.compiled = CompiledStack(self) if compile else None
+        self.compiled = self._compiled() if compile else None
         # The gated rows of the last ``drafting`` seen (a reused layout skips the search).
         self._last_drafting: torch.Tensor | None = None
         self._last_gated_rows: GatedRows | None = None
         self._tables(context_length + WINDOW_MARGIN)
+
+    def _compiled(self) -> CompiledStack:
+        # ``Matmul.weight`` is the [in, out] operand that ``torch.mm`` takes.
+        weights = [(layer.input_norm, layer.head_norm, layer.qkv.weight, layer.out.weight,
+                    layer.post_norm, layer.gate_up.weight, layer.down.weight)
+                   for layer in self.layers]
+        return CompiledStack(weights, (self.q_heads, self.kv_heads, self.head_dim),
+                             self.eps, self.scale)
 
     def _tables(self, key_length: int) -> None:
         """RoPE tables and the slot index for positions < ``key_length`` (built once; grown
@@ -165,11 +173,14 @@ class LeanDecoder:
         positions = position_ids.reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         mask = self._mask(lengths, width, key_length)
+        def eager() -> torch.Tensor:
+            return self.layer_stack(hidden, gated_rows, cache, (cos, sin), mask,
+                                    (rows, width))
+
         if self.compiled is not None and gated_rows is None:
-            hidden = self.compiled(self, hidden, (cos, sin), mask, cache)
+            hidden = self.compiled(hidden, (cos, sin), mask, cache, eager)
         else:
-            hidden = self.layer_stack(hidden, gated_rows, cache, (cos, sin), mask,
-                                      (rows, width))
+            hidden = eager()
         return rms_norm(hidden, self.final_norm, self.eps).view(rows, width, -1)
 
     def layer_stack(self, hidden: torch.Tensor, gated_rows: GatedRows | None,

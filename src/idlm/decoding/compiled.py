@@ -27,10 +27,14 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 
-from idlm.decoding.kv_cache import RaggedKVCache
-from idlm.decoding.layer_math import attention_inputs, attention_output_and_mlp
+from idlm.decoding.kv_cache import RaggedKVCache, write_window
+from idlm.decoding.layer_math import (
+    attend,
+    attention_inputs,
+    attention_output_and_mlp,
+    heads_first,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +51,14 @@ def _layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: to
             values: list[torch.Tensor], heads: tuple[int, int, int], eps: float,
             scale: float, gqa: bool) -> torch.Tensor:
     rows, width, key_length = write_index.shape[0], write_index.shape[2], mask.shape[-1]
-
-    def heads_first(states: torch.Tensor) -> torch.Tensor:
-        return states.view(rows, width, states.shape[1], states.shape[2]).transpose(1, 2)
-
     for layer, key_buffer, value_buffer in zip(weights, keys, values, strict=True):
         input_norm, head_norm, qkv, out, post_norm, gate_up, down = layer
         query, key, value = attention_inputs(hidden, input_norm, head_norm, (cos, sin),
                                              lambda x, w=qkv: torch.mm(x, w), heads, eps)
-        key_buffer.scatter_(2, write_index, heads_first(key).to(key_buffer.dtype))
-        value_buffer.scatter_(2, write_index, heads_first(value).to(value_buffer.dtype))
-        attended = F.scaled_dot_product_attention(
-            heads_first(query), key_buffer[:, :, :key_length], value_buffer[:, :, :key_length],
-            attn_mask=mask, scale=scale, enable_gqa=gqa)
-        attended = attended.transpose(1, 2).reshape(rows * width, -1)
+        readable = write_window(key_buffer, value_buffer, write_index,
+                                heads_first(key, rows, width),
+                                heads_first(value, rows, width), key_length)
+        attended = attend(heads_first(query, rows, width), *readable, mask, scale, gqa)
         hidden = attention_output_and_mlp(
             hidden, attended, post_norm, lambda x, w=out: torch.mm(x, w),
             lambda x, w=gate_up: torch.mm(x, w), lambda x, w=down: torch.mm(x, w), eps)

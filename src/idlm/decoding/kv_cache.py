@@ -73,12 +73,8 @@ class RaggedKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformers cache hook: store the window's K/V, return the readable slots."""
-        if self._write_index is None:
-            raise RuntimeError("RaggedKVCache.begin_forward must be called before each forward")
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.scatter_(2, self._write_index, key_states.to(keys.dtype))
-        values.scatter_(2, self._write_index, value_states.to(values.dtype))
-        return keys[:, :, :self._key_length], values[:, :, :self._key_length]
+        return write_window(self.keys[layer_idx], self.values[layer_idx], self.write_index,
+                            key_states, value_states, self._key_length)
 
     def reserve(self, slots: int) -> None:
         """Grow every buffer (one copy) so that ``slots`` positions fit."""
@@ -122,3 +118,13 @@ def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
     grown = buffer.new_zeros(rows, heads, capacity, head_dim)
     grown[:, :, :old] = buffer
     return grown
+
+
+def write_window(keys: torch.Tensor, values: torch.Tensor, write_index: torch.Tensor,
+                 key_states: torch.Tensor, value_states: torch.Tensor, key_length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter a window's K/V [B, kv, W, d] into one layer's buffers at ``write_index``;
+    the first ``key_length`` slots of each (what attention reads)."""
+    keys.scatter_(2, write_index, key_states.to(keys.dtype))
+    values.scatter_(2, write_index, value_states.to(values.dtype))
+    return keys[:, :, :key_length], values[:, :, :key_length]

@@ -2,7 +2,7 @@
 
 The lean forward (``lean_forward``) runs them eagerly, with each projection a ``Matmul``
 plus the gated-LoRA update; ``compiled`` runs the same functions through ``torch.compile``
-with plain matmuls. Neither touches the KV cache: attention stays with the caller.
+with plain matmuls. The KV-cache writes between them are ``kv_cache.write_window``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,21 @@ def attention_inputs(hidden: torch.Tensor, input_norm: torch.Tensor, head_norm: 
     query_key = rotate(rms_norm(projected[:, :q_heads + kv_heads], head_norm, eps), *rope)
     query, key = query_key.split([q_heads, kv_heads], dim=1)
     return query, key, projected[:, q_heads + kv_heads:]
+
+
+def heads_first(heads: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """[B*W, heads, d] -> [B, heads, W, d] (a view)."""
+    return heads.view(rows, width, heads.shape[1], heads.shape[2]).transpose(1, 2)
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+           scale: float, gqa: bool) -> torch.Tensor:
+    """SDPA of a window's queries [B, q_heads, W, d] over the readable keys and values,
+    with the additive mask; [B*W, q_heads * d]."""
+    rows, _, width, _ = query.shape
+    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                              scale=scale, enable_gqa=gqa)
+    return attended.transpose(1, 2).reshape(rows * width, -1)
 
 
 def attention_output_and_mlp(hidden: torch.Tensor, attended: torch.Tensor,

@@ -44,7 +44,13 @@ from torch.nn import functional as F
 from idlm.decoding.compiled import CompiledStack
 from idlm.decoding.cpu_matmul import Matmul
 from idlm.decoding.kv_cache import CAPACITY_CHUNK, RaggedKVCache
-from idlm.decoding.layer_math import attention_inputs, attention_output_and_mlp, rms_norm
+from idlm.decoding.layer_math import (
+    attend,
+    attention_inputs,
+    attention_output_and_mlp,
+    heads_first,
+    rms_norm,
+)
 from idlm.decoding.lean_lora import (
     GatedRows,
     GroupLora,
@@ -173,6 +179,7 @@ class LeanDecoder:
         positions = position_ids.reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         mask = self._mask(lengths, width, key_length)
+
         def eager() -> torch.Tensor:
             return self.layer_stack(hidden, gated_rows, cache, (cos, sin), mask,
                                     (rows, width))
@@ -222,12 +229,10 @@ class LeanDecoder:
             hidden, layer.input_norm, layer.head_norm, rope,
             lambda x: _linear(x, layer.qkv, lora and lora.qkv, gated_rows),
             (self.q_heads, self.kv_heads, self.head_dim), self.eps)
-        keys, values = cache.update(_heads_first(key, rows, width),
-                                    _heads_first(value, rows, width), index)
-        attended = F.scaled_dot_product_attention(
-            _heads_first(query, rows, width), keys, values, attn_mask=mask,
-            scale=self.scale, enable_gqa=self.q_heads != self.kv_heads)
-        attended = attended.transpose(1, 2).reshape(rows * width, -1)
+        keys, values = cache.update(heads_first(key, rows, width),
+                                    heads_first(value, rows, width), index)
+        attended = attend(heads_first(query, rows, width), keys, values, mask, self.scale,
+                          self.q_heads != self.kv_heads)
         return attention_output_and_mlp(
             hidden, attended, layer.post_norm,
             lambda x: _linear(x, layer.out, lora and lora.out, gated_rows),
@@ -260,11 +265,6 @@ def _linear(inputs: torch.Tensor, weight: Matmul, lora: GroupLora | None,
     if lora is not None and gated_rows is not None:
         lora.add_to(output, inputs, gated_rows)
     return output
-
-
-def _heads_first(heads: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """[B*W, heads, d] -> [B, heads, W, d] (a view)."""
-    return heads.view(rows, width, heads.shape[1], heads.shape[2]).transpose(1, 2)
 
 
 @torch.no_grad()

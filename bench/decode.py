@@ -4,6 +4,7 @@ AR vs transformers ``generate``, side by side in one run. Prints JSON, writes a 
     python bench/decode.py                      # outputs/{ic/model,base/model,lora/adapter}
     python bench/decode.py --random-tiny        # random tiny-profile models, no training needed
     python bench/decode.py --compile            # also the torch.compile'd engines
+    python bench/decode.py --dtype bfloat16     # every engine in bf16 (oneDNN; AMX if any)
 
 Systems: ``hf_generate`` (base, batched, left-padded), ``ar`` (engine, base), ``isd``
 (engine, IC model, stride N) and ``risd`` (engine, base + gated adapter). Every system
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-prompts", type=int, default=16,
                         help="prompts per cell at least (small batches run several in turn)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights, activations and KV cache of every engine (bf16 runs "
+                             "on oneDNN: AMX where the CPU has it)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ar, isd and risd engines whose dense maths are "
                              "torch.compile'd (ar_compiled, ...), side by side")
@@ -79,11 +83,12 @@ def load_systems(args: argparse.Namespace, folders: dict[str, Path], mask: int |
         compile = suffix == COMPILED
         engines |= {
             f"ar{suffix}": load_engine(folders["base"], mode="ar", mask_token_id=mask,
-                                       compile=compile),
+                                       dtype=args.dtype, compile=compile),
             f"isd{suffix}": load_engine(folders["model"], mode="isd", mask_token_id=mask,
-                                        compile=compile),
+                                        dtype=args.dtype, compile=compile),
             f"risd{suffix}": load_engine(folders["base"], folders["adapter"], mode="risd",
-                                         mask_token_id=mask, compile=compile)}
+                                         mask_token_id=mask, dtype=args.dtype,
+                                         compile=compile)}
     return engines
 
 
@@ -276,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         measure(engines, [prompts[:1]], argparse.Namespace(**{**vars(args), "repeats": 1}))
         results = {str(b): measure(engines, batches(prompts, b, args.min_prompts), args)
                    for b in sizes}
+        # What each engine computed in (its KV cache's dtype is its weights').
+        dtypes = {name: str(engine.cache_dtype).removeprefix("torch.")
+                  for name, engine in engines.items()}
     report = {"models": "random tiny" if args.random_tiny else str(folders["model"]),
               "stride": args.stride, "max_new_tokens": args.max_new_tokens,
+              "dtype": args.dtype, "engine_dtypes": dtypes,
               "threads": torch.get_num_threads(), "repeats": args.repeats,
               "min_prompts": args.min_prompts,
               "results": results, "ratios": ratios(results),

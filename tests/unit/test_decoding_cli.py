@@ -1,5 +1,5 @@
-"""``idlm generate`` end to end on a saved tiny model + trained BPE tokenizer, and the
-bench's one-line failure when its inputs are missing."""
+"""``idlm generate`` end to end on a saved tiny model + trained BPE tokenizer, the bench's
+one-line failure when its inputs are missing, and the bench in bf16."""
 
 from __future__ import annotations
 
@@ -92,3 +92,19 @@ def test_bench_fails_with_one_line_without_models(tmp_path) -> None:
         capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and "not found" in completed.stderr
+
+
+def test_bench_runs_every_engine_in_the_dtype_asked_for(tmp_path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "decode.py"), "--random-tiny", "--dtype",
+         "bfloat16", "--batch-sizes", "1,2", "--max-new-tokens", "4", "--repeats", "1",
+         "--min-prompts", "2", "--threads", "1", "--plot", str(tmp_path / "decode.png")],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    assert report["dtype"] == "bfloat16"
+    assert report["engine_dtypes"] == {"ar": "bfloat16", "isd": "bfloat16", "risd": "bfloat16"}
+    for cell in report["results"].values():
+        assert set(cell) == {"hf_generate", "ar", "isd", "risd"}
+        assert all(run["tokens"] > 0 for run in cell.values())
+    assert (tmp_path / "decode.png").is_file()

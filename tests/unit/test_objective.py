@@ -162,6 +162,39 @@ def test_auto_balance_makes_terms_equal(model) -> None:
     torch.testing.assert_close(fixed.total.detach(), fixed.mask_ce + 0.2 * fixed.clean_ce)
 
 
+def test_losses_take_the_head_in_whole_buckets_and_equal_the_exact_rows(model) -> None:
+    """The LM head sees a bucketed row count (one oneDNN primitive per bucket, not one per
+    step), and the padding rows change neither loss."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(3)
+    rows = _random_rows(generator, [12, 9, 15], [4, 3, 5])
+    head = model.get_output_embeddings()
+    seen: list[int] = []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            clean = objective.build_ic_batch(rows, [4, 3, 5], None, MASK_ID, PAD_ID)
+            loss = objective.clean_loss(model, clean)
+            ic = objective.build_ic_batch(rows, [4, 3, 5], 3, MASK_ID, PAD_ID)
+            ic_terms = objective.ic_loss(model, ic, 0.5)
+    finally:
+        hook.remove()
+    assert seen and all(n % objective.HEAD_ROW_BUCKET == 0 for n in seen), seen
+
+    def exact(batch, kind, reduction="mean"):  # noqa: ANN001, ANN202
+        hidden = objective.hidden_states(model, batch, "sdpa", torch.float32)
+        picked = (batch.kind == kind) & (batch.labels != IGNORE)
+        return F.cross_entropy(head(hidden[picked]).float(), batch.labels[picked],
+                               reduction=reduction)
+
+    with torch.no_grad():
+        torch.testing.assert_close(loss, exact(clean, CLEAN), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ic_terms.clean_ce, exact(ic, CLEAN), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ic_terms.mask_ce, exact(ic, MASKED, "sum")
+                                   / ic.response_tokens, atol=1e-5, rtol=0)
+
+
 def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="stride"):
         objective.build_ic_batch([[1, 2, 3]], [1], 1, MASK_ID, PAD_ID)
